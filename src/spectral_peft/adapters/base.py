@@ -1,0 +1,147 @@
+"""What every spectral adapter shares: the config base class and the wrapped-linear layer base class.
+
+A layer wraps a frozen ``nn.Linear`` (weight ``W``, ``m x n``) and adds an update ``dW = B_eff A_eff``:
+``y = W x + b + B_eff (A_eff x)``. The factors are computed in fp32 from the trainable parameters, so merging,
+exporting and the interference metrics all read the same ``dW``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..spectral import SVD
+
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every spectral adapter.
+
+    ``target_modules``: module-name suffixes to adapt, or ``"all-linear"`` (every ``nn.Linear`` but the output
+    head); ``None`` takes the method's default. ``exclude_modules``: suffixes never adapted.
+    """
+
+    method: ClassVar[str] = ""
+    default_targets: ClassVar[tuple[str, ...] | str] = "all-linear"
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = (
+                self.default_targets if isinstance(self.default_targets, str) else list(self.default_targets)
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check field ranges that do not depend on the model; raise ``ValueError`` with a one-line reason."""
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        """Refuse a target whose shape does not fit this config (called for all targets before any change)."""
+
+    def svd_rank(self, shape: tuple[int, int]) -> int | None:
+        """How many leading triplets a layer needs (``None``: all of them)."""
+        return None
+
+    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD | None) -> "SpectralLayer":
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return {"method": self.method, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], state: dict[str, torch.Tensor], base: dict[str, Any]) -> "AdapterConfig":
+        """Rebuild the config of a saved adapter from its JSON, its tensors and its base-weight identities."""
+        return cls.from_dict(d)
+
+
+def check_rank(r: int, shape: tuple[int, int], what: str = "rank r") -> None:
+    """Refuse a rank that does not fit the matrix."""
+    r0 = min(shape)
+    if r > r0:
+        raise ValueError(f"{what}={r} is larger than min(m, n)={r0} of a {shape[0]}x{shape[1]} matrix")
+
+
+def init_lora_factors(r: int, shape: tuple[int, int]) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's init, as in PEFT: ``A`` (``r x n``) Kaiming-uniform with ``a = sqrt(5)``, ``B`` (``m x r``) zero."""
+    m, n = shape
+    A = torch.empty(r, n)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return nn.Parameter(A), nn.Parameter(torch.zeros(m, r))
+
+
+class SpectralLayer(nn.Module):
+    """``y = base(x) + dW x`` with ``dW = B_eff A_eff`` (fp32), unless merged or disabled."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"spectral adapters wrap nn.Linear layers, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.base_layer.weight.shape)
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B_eff, A_eff)`` with ``dW = B_eff @ A_eff``, in fp32."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        B, A = self.delta_factors()
+        return B @ A
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``dW x`` for fp32 activations ``x`` (``... x n``)."""
+        B, A = self.delta_factors()
+        return (x @ A.T) @ B.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        return y + self.delta(x.to(torch.float32)).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write ``W <- W + dW`` into the base layer."""
+        if not self.merged:
+            W = self.base_layer.weight
+            W.copy_((W.float() + self.delta_weight()).to(W.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            W = self.base_layer.weight
+            W.copy_((W.float() - self.delta_weight()).to(W.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"

@@ -1,0 +1,156 @@
+"""HiP-LoRA: a budgeted principal channel plus a residual LoRA in the orthogonal complement.
+
+With the cached top-k SVD ``(U_k, sigma_k, V_k)`` of the frozen ``W``:
+
+    dW = U_k diag(phi) V_k^T + s * (I - U_k U_k^T) B A (I - V_k V_k^T)
+
+The principal channel is a gain on the leading singular values (``sigma_k -> sigma_k + phi``); the residual channel
+cannot rotate the leading singular directions. Stability budget ``R(phi) = sum_i w_i phi_i^2`` with
+``w_i = (sigma_i / sigma_1)^p``; ``mode="penalty"`` adds ``lambda * R`` to the loss, ``mode="constraint"`` projects
+``phi`` onto ``{R <= eps}`` after each optimiser step, with ``eps`` given or ``eps = rho^2 sum_i w_i sigma_i^2``.
+
+Deviation from the paper's Algorithm 1, which initialises ``A = B = 0``: both factors at zero get zero gradients,
+so the residual channel would never train. We use LoRA's init (``A`` Kaiming-uniform, ``B = 0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..spectral import SVD
+from .base import AdapterConfig, SpectralLayer, check_rank
+from .projected_lora import ProjectedLoRA, lora_scaling
+
+BUDGET_MODES = ("constraint", "penalty", "none")
+
+
+def budget_weights(S: torch.Tensor, power: float) -> torch.Tensor:
+    """``w_i = (sigma_i / sigma_1)^p``."""
+    return (S / S[0]) ** power
+
+
+@torch.no_grad()
+def weighted_ball_projection(phi: torch.Tensor, w: torch.Tensor, eps: torch.Tensor, iters: int = 64) -> torch.Tensor:
+    """Euclidean projection of each row of ``phi`` onto ``{x : sum_i w_i x_i^2 <= eps}`` (batched over rows).
+
+    The KKT conditions give ``x_i = phi_i / (1 + mu w_i)`` with ``mu >= 0`` the root of
+    ``f(mu) = sum_i w_i phi_i^2 / (1 + mu w_i)^2 = eps``. Since ``f(mu) <= sum_i (phi_i^2 / w_i) / mu^2``, the
+    bracket ``[0, sqrt(sum_i phi_i^2 / w_i / eps)]`` holds the root; bisection runs in float64 on the device with
+    no host synchronisation, and the upper end is returned, so the result is always feasible.
+    """
+    p, wd = phi.double(), w.double()
+    e = torch.as_tensor(eps, dtype=torch.float64, device=phi.device).expand(p.shape[:-1]).unsqueeze(-1)
+    inside = (wd * p * p).sum(-1, keepdim=True) <= e
+    lo = torch.zeros_like(e)
+    hi = torch.sqrt((p * p / wd).sum(-1, keepdim=True) / e)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        over = (wd * (p / (1 + mid * wd)) ** 2).sum(-1, keepdim=True) > e
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    projected = torch.where(e > 0, p / (1 + hi * wd), torch.zeros_like(p))
+    return torch.where(inside, p, projected).to(phi.dtype)
+
+
+@dataclass
+class HiPLoRAConfig(AdapterConfig):
+    """HiP-LoRA.
+
+    ``r``, ``lora_alpha``, ``use_rslora``: the residual LoRA. ``k``: size of the principal channel.
+    ``budget_mode``: ``"constraint"``, ``"penalty"`` or ``"none"``. ``budget_power``: ``p`` in the weights.
+    ``budget_lambda``: penalty strength. ``budget_eps``: absolute budget; else ``budget_rho`` (relative).
+    """
+
+    method: ClassVar[str] = "hiplora"
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    k: int = 16
+    budget_mode: str = "constraint"
+    budget_power: float = 1.0
+    budget_lambda: float = 0.1
+    budget_eps: float | None = None
+    budget_rho: float = 0.1
+    svd_method: str = "exact"
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        if self.budget_eps is not None and self.budget_eps < 0:
+            raise ValueError(f"budget_eps must be >= 0, got {self.budget_eps}")
+        if self.budget_rho < 0:
+            raise ValueError(f"budget_rho must be >= 0, got {self.budget_rho}")
+        if self.budget_lambda < 0:
+            raise ValueError(f"budget_lambda must be >= 0, got {self.budget_lambda}")
+        if self.svd_method not in ("exact", "randomized"):
+            raise ValueError(f"svd_method must be 'exact' or 'randomized', got {self.svd_method!r}")
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        check_rank(self.r, shape)
+        if self.k + self.r > min(shape):
+            raise ValueError(f"{name}: k + r = {self.k + self.r} exceeds min(m, n) = {min(shape)}")
+
+    def svd_rank(self, shape: tuple[int, int]) -> int:
+        return self.k
+
+    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "HiPLoRALayer":
+        shape = tuple(base_layer.weight.shape)
+        lora = ProjectedLoRA(shape, self.r, lora_scaling(self.r, self.lora_alpha, self.use_rslora), svd.U, svd.V)
+        w = budget_weights(svd.S.float(), self.budget_power)
+        eps = self.budget_eps if self.budget_eps is not None else float(self.budget_rho**2 * (w * svd.S**2).sum())
+        return HiPLoRALayer(base_layer, svd, lora, w, eps)
+
+
+class HiPLoRALayer(SpectralLayer):
+    """Principal gain ``hip_phi`` on the top-k triplets plus a doubly projected residual LoRA."""
+
+    def __init__(self, base_layer: nn.Linear, svd: SVD, lora: ProjectedLoRA, weights: torch.Tensor, eps: float):
+        super().__init__(base_layer)
+        self.hip_phi = nn.Parameter(torch.zeros(svd.rank))
+        self.lora = lora
+        self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
+        self.register_buffer("budget_w", weights.float(), persistent=False)
+        self.budget_eps = eps
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.lora.U_S
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.lora.V_S
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, A = self.lora.factors()
+        return torch.cat([self.U * self.hip_phi, B], dim=1), torch.cat([self.V.T, A], dim=0)
+
+    def regulariser(self) -> torch.Tensor:
+        """``R(phi) = sum_i w_i phi_i^2``."""
+        return (self.budget_w * self.hip_phi**2).sum()
+
+    def budget_use(self) -> float:
+        """``R(phi) / eps`` (infinite when ``eps = 0`` and ``phi != 0``)."""
+        R = float(self.regulariser())
+        return R / self.budget_eps if self.budget_eps > 0 else (0.0 if R == 0 else float("inf"))
+
+
+@torch.no_grad()
+def project_budgets(layers: list[HiPLoRALayer]) -> None:
+    """``phi <- argmin_{R(x) <= eps} ||x - phi||`` for every layer, in one batched projection per size ``k``."""
+    by_k: dict[tuple, list[HiPLoRALayer]] = {}
+    for layer in layers:
+        by_k.setdefault((layer.hip_phi.numel(), layer.hip_phi.device), []).append(layer)
+    for group in by_k.values():
+        phi = torch.stack([layer.hip_phi for layer in group])
+        w = torch.stack([layer.budget_w for layer in group])
+        eps = torch.tensor([layer.budget_eps for layer in group], device=phi.device)
+        for layer, row in zip(group, weighted_ball_projection(phi, w, eps)):
+            layer.hip_phi.copy_(row)

@@ -1,0 +1,60 @@
+"""MiLoRA: LoRA initialised from the minor (bottom-r) singular triplets, with the base weight left untouched.
+
+With the bottom-r triplets ``(U_b, sigma_b, V_b)`` and LoRA scale ``s``, the factors start at
+``B_0 = U_b diag(sqrt(sigma_b / s))`` and ``A_0 = diag(sqrt(sigma_b / s)) V_b^T``, so ``s B_0 A_0 = W_b`` (the minor
+part of ``W``). PEFT's PiSSA-style init rewrites ``W <- W - s B_0 A_0``; we keep ``W`` and put the frozen
+correction in the adapter instead: ``dW = s (B A - B_0 A_0)``, which is zero at init and gives the same effective
+weight ``W - W_b + s B A``. ``B_0, A_0`` are recomputed from the SVD, never saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..spectral import SVD
+from .base import AdapterConfig, SpectralLayer, check_rank
+from .projected_lora import lora_scaling
+
+
+@dataclass
+class MiLoRAConfig(AdapterConfig):
+    """``r``: rank (the number of minor triplets); ``lora_alpha``, ``use_rslora``: the LoRA scale."""
+
+    method: ClassVar[str] = "milora"
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        check_rank(self.r, shape)
+
+    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "MiLoRALayer":
+        return MiLoRALayer(base_layer, svd.bottom(self.r), lora_scaling(self.r, self.lora_alpha, self.use_rslora))
+
+
+class MiLoRALayer(SpectralLayer):
+    """``dW = s (B A - B_0 A_0)`` with ``B``, ``A`` trainable from the minor-triplet init."""
+
+    def __init__(self, base_layer: nn.Linear, minor: SVD, scaling: float):
+        super().__init__(base_layer)
+        self.scaling = scaling
+        root = torch.sqrt(minor.S.float() / scaling)
+        B0 = minor.U.float() * root
+        A0 = root[:, None] * minor.V.float().T
+        self.lora_A = nn.Parameter(A0.clone())
+        self.lora_B = nn.Parameter(B0.clone())
+        self.register_buffer("B0", B0.contiguous(), persistent=False)
+        self.register_buffer("A0", A0.contiguous(), persistent=False)
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scaling
+        return torch.cat([s * self.lora_B, -s * self.B0], dim=1), torch.cat([self.lora_A, self.A0], dim=0)

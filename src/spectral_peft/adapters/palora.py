@@ -1,0 +1,159 @@
+"""PALoRA: LoRA on top of a frozen SVF expert, kept orthogonal to the probe's skill-critical directions.
+
+The expert weight is ``W_e = U diag(sigma * z) V^T`` (``z`` from the probe, same ``U``, ``V`` as ``W``). The knowledge
+update is ``dW_k = s P_L B A P_R`` with ``P_L = I - U_S U_S^T``, ``P_R = I - V_S V_S^T`` and ``S`` chosen per matrix
+from the probe scores ``d_i = |z_i - 1|`` ("projection-adaptive"), so ``U_S^T dW_k = 0`` and ``dW_k V_S = 0``: every
+protected expert triplet is kept exactly. The soft variant uses ``P_L = I - U diag(w) U^T`` with
+``w_i = d_i / max(d)`` over all indices. Relative to ``W`` the layer adds ``dW = U diag(sigma (z - 1)) V^T + dW_k``.
+
+``expert_mode="fold"`` keeps ``W_e`` as a frozen buffer (the speed of LoRA, one extra copy of each target weight);
+``"factorised"`` computes ``W x + U (sigma (z - 1) * V^T x)`` (no copy, about one more matmul per token).
+Matrices the probe does not cover are adapted by plain LoRA (``uncovered="unconstrained"``) or left alone
+(``uncovered="skip"``); the choice is recorded in the adapter config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..probe import SELECTION_RULES, Probe
+from ..spectral import SVD
+from .base import MLP_MODULES, AdapterConfig, SpectralLayer, check_rank
+from .projected_lora import ProjectedLoRA, ProjectedLoRALayer, lora_scaling
+
+UNCOVERED = ("unconstrained", "skip")
+EXPERT_MODES = ("fold", "factorised")
+
+
+@dataclass
+class PALoRAConfig(AdapterConfig):
+    """PALoRA.
+
+    ``probe``: a probe directory or :class:`Probe`. ``selection``: ``top_fraction`` (``rho``), ``threshold``
+    (``tau``), ``mass`` (``q``), or ``explicit`` (``protected_indices``: module name -> indices). ``soft``: scale
+    each direction by ``d_i / max(d)`` instead of removing ``S``. ``uncovered``: what to do with target matrices the
+    probe does not cover. ``expert_mode``: ``fold`` or ``factorised``.
+    """
+
+    method: ClassVar[str] = "palora"
+    default_targets: ClassVar[tuple[str, ...]] = MLP_MODULES
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    probe: Any = None
+    selection: str = "top_fraction"
+    rho: float = 0.1
+    tau: float = 0.05
+    q: float = 0.5
+    soft: bool = False
+    protected_indices: dict[str, list[int]] | None = field(default=None, repr=False)
+    uncovered: str = "unconstrained"
+    expert_mode: str = "fold"
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if self.selection not in (*SELECTION_RULES, "explicit"):
+            raise ValueError(f"selection must be one of {(*SELECTION_RULES, 'explicit')}, got {self.selection!r}")
+        if self.selection == "explicit" and self.protected_indices is None:
+            raise ValueError("selection='explicit' needs protected_indices")
+        if not 0 <= self.rho <= 1 or not 0 <= self.q <= 1 or self.tau < 0:
+            raise ValueError(f"need 0 <= rho <= 1, 0 <= q <= 1 and tau >= 0 (got {self.rho}, {self.q}, {self.tau})")
+        if self.uncovered not in UNCOVERED:
+            raise ValueError(f"uncovered must be one of {UNCOVERED}, got {self.uncovered!r}")
+        if self.expert_mode not in EXPERT_MODES:
+            raise ValueError(f"expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
+        if self.probe is None:
+            raise ValueError("PALoRA needs a probe (a probe directory or a Probe)")
+        if not isinstance(self.probe, Probe):
+            self.probe = Probe.load(self.probe)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["probe"] = self.probe.source
+        d["protected_indices"] = None
+        return d
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], state: dict[str, torch.Tensor], base: dict[str, Any]) -> "PALoRAConfig":
+        """The saved expert scales and protected sets stand in for the probe directory."""
+        suffix = ".expert_scale"
+        names = [k[: -len(suffix)] for k in state if k.endswith(suffix)]
+        probe = Probe({n: state[n + suffix] for n in names}, {n: base[n] for n in names}, source=d.get("probe"))
+        indices = {n: state[n + ".protected_index"].tolist() for n in names}
+        return cls.from_dict({**d, "probe": probe, "selection": "explicit", "protected_indices": indices})
+
+    def covers(self, name: str) -> bool:
+        return name in self.probe.scales
+
+    def accepts(self, name: str) -> bool:
+        """Whether a matched target is adapted at all."""
+        return self.covers(name) or self.uncovered == "unconstrained"
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        check_rank(self.r, shape)
+        if self.covers(name) and self.probe.scales[name].numel() != min(shape):
+            raise ValueError(f"probe for {name!r} has {self.probe.scales[name].numel()} scales, matrix has {min(shape)}")
+
+    def protected(self, name: str) -> torch.Tensor:
+        if self.selection == "explicit":
+            return torch.as_tensor(self.protected_indices.get(name, []), dtype=torch.long)
+        return self.probe.select(name, self.selection, rho=self.rho, tau=self.tau, q=self.q)
+
+    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> SpectralLayer:
+        shape = tuple(base_layer.weight.shape)
+        scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        if not self.covers(name):
+            empty = svd.U[:, :0]
+            return ProjectedLoRALayer(base_layer, ProjectedLoRA(shape, self.r, scaling, empty, svd.V[:, :0]))
+        z = self.probe.scales[name].float()
+        if self.soft:
+            d = (z - 1).abs()
+            weights = d / d.max() if d.max() > 0 else torch.zeros_like(d)
+            index = torch.arange(svd.rank)
+            lora = ProjectedLoRA(shape, self.r, scaling, svd.U, svd.V, weights)
+        else:
+            index = self.protected(name)
+            lora = ProjectedLoRA(shape, self.r, scaling, svd.U[:, index], svd.V[:, index])
+        return PALoRALayer(base_layer, svd, z, index, lora, self.expert_mode)
+
+
+class PALoRALayer(SpectralLayer):
+    """Frozen SVF expert (``expert_scale``) plus a projected LoRA; ``protected_index`` is the set ``S``."""
+
+    def __init__(
+        self, base_layer: nn.Linear, svd: SVD, z: torch.Tensor, index: torch.Tensor, lora: ProjectedLoRA, mode: str
+    ):
+        super().__init__(base_layer)
+        self.expert_mode = mode
+        self.lora = lora
+        self.register_buffer("expert_scale", z.float().clone())
+        self.register_buffer("protected_index", index.long().clone())
+        self.register_buffer("U", svd.U.float().contiguous(), persistent=False)
+        self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
+        self.register_buffer("V", svd.V.float().contiguous(), persistent=False)
+        W_e = None
+        if mode == "fold":
+            W_e = (base_layer.weight.float() + self.expert_delta_weight()).to(base_layer.weight.dtype)
+        self.register_buffer("expert_weight", W_e, persistent=False)
+
+    def expert_delta_weight(self) -> torch.Tensor:
+        """``U diag(sigma (z - 1)) V^T``."""
+        return (self.U * (self.S * (self.expert_scale - 1.0))) @ self.V.T
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, A = self.lora.factors()
+        return torch.cat([self.U * (self.S * (self.expert_scale - 1.0)), B], 1), torch.cat([self.V.T, A], 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled or self.expert_mode == "factorised":
+            return super().forward(x)
+        y = F.linear(x, self.expert_weight, self.base_layer.bias)
+        B, A = self.lora.factors()
+        return y + ((x.to(torch.float32) @ A.T) @ B.T).to(y.dtype)

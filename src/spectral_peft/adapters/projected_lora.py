@@ -1,0 +1,70 @@
+"""The shared "projected LoRA" factors used by OPLoRA, PALoRA and HiP-LoRA's residual channel.
+
+``dW = s * (P_L B) (A P_R)`` with ``P_L = I - U_S diag(w) U_S^T`` and ``P_R = I - V_S diag(w) V_S^T``.
+With ``w = 1`` (hard) ``U_S^T dW = 0`` and ``dW V_S = 0``: the protected triplets are untouched. The soft variant
+uses ``w in [0, 1]`` per direction. The projectors are never materialised:
+``P_L B = B - U_S (w * (U_S^T B))`` and ``A P_R = A - ((A V_S) * w) V_S^T``, at ``O((m + n) r |S|)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import SpectralLayer, init_lora_factors
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """``s = alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class ProjectedLoRA(nn.Module):
+    """Trainable ``A`` (``r x n``), ``B`` (``m x r``) whose product is kept off the protected directions."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        r: int,
+        scaling: float,
+        U_S: torch.Tensor,
+        V_S: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.r = r
+        self.scaling = scaling
+        self.lora_A, self.lora_B = init_lora_factors(r, shape)
+        self.register_buffer("U_S", U_S.float().contiguous(), persistent=False)
+        self.register_buffer("V_S", V_S.float().contiguous(), persistent=False)
+        self.register_buffer("w", None if weights is None else weights.float(), persistent=False)
+
+    def projected_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P_L B, A P_R)``."""
+        B, A = self.lora_B, self.lora_A
+        if self.U_S.shape[1] == 0:
+            return B, A
+        cb = self.U_S.T @ B  # |S| x r
+        ca = A @ self.V_S  # r x |S|
+        if self.w is not None:
+            cb = cb * self.w[:, None]
+            ca = ca * self.w[None, :]
+        return B - self.U_S @ cb, A - ca @ self.V_S.T
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s P_L B, A P_R)``: ``dW`` = their product."""
+        B, A = self.projected_factors()
+        return self.scaling * B, A
+
+
+class ProjectedLoRALayer(SpectralLayer):
+    """A linear layer with a projected LoRA update (OPLoRA; PALoRA without an expert)."""
+
+    def __init__(self, base_layer: nn.Linear, lora: ProjectedLoRA):
+        super().__init__(base_layer)
+        self.lora = lora
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora.factors()

@@ -1,0 +1,82 @@
+"""SVF (Transformer-squared): scale the singular values, ``W' = U diag(sigma * z) V^T``; only ``z`` trains.
+
+Parameterisations of the effective scale ``z`` (length ``r0 = min(m, n)``):
+- ``"plain"`` (default): ``z = 1 + delta``, ``delta`` initialised to 0.
+- ``"sigmoid"``: Transformer-squared's ``z = sigmoid(p) * sum(sigma) / sum(sigma * sigmoid(p))``, which keeps
+  ``sum(sigma * z) = sum(sigma)``; any constant ``p`` (here 0) is the identity.
+
+Forward modes: ``"factorised"`` computes ``W x + U ((sigma * (z - 1)) * (V^T x))``; ``"recompose"`` builds
+``U diag(sigma * z) V^T`` once per call and applies it. Both give the same output (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spectral import SVD
+from .base import MLP_MODULES, AdapterConfig, SpectralLayer
+
+PARAMETERISATIONS = ("plain", "sigmoid")
+FORWARD_MODES = ("factorised", "recompose")
+
+
+def effective_scale(param: torch.Tensor, S: torch.Tensor, parameterisation: str) -> torch.Tensor:
+    """The multiplier ``z`` on each singular value for a raw parameter vector."""
+    if parameterisation == "plain":
+        return 1.0 + param
+    gate = torch.sigmoid(param)
+    return gate * (S.sum() / (S * gate).sum())
+
+
+@dataclass
+class SVFConfig(AdapterConfig):
+    """``parameterisation``: ``"plain"`` or ``"sigmoid"``; ``forward_mode``: ``"factorised"`` or ``"recompose"``."""
+
+    method: ClassVar[str] = "svf"
+    default_targets: ClassVar[tuple[str, ...]] = MLP_MODULES
+
+    parameterisation: str = "plain"
+    forward_mode: str = "recompose"
+
+    def validate(self) -> None:
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+
+    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "SVFLayer":
+        return SVFLayer(base_layer, svd, self.parameterisation, self.forward_mode)
+
+
+class SVFLayer(SpectralLayer):
+    """``dW = U diag(sigma * (z - 1)) V^T`` with trainable ``svf_param`` (length ``r0``)."""
+
+    def __init__(self, base_layer: nn.Linear, svd: SVD, parameterisation: str, forward_mode: str):
+        super().__init__(base_layer)
+        self.parameterisation = parameterisation
+        self.forward_mode = forward_mode
+        self.svf_param = nn.Parameter(torch.zeros(svd.rank))
+        self.register_buffer("U", svd.U.float().contiguous(), persistent=False)
+        self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
+        self.register_buffer("V", svd.V.float().contiguous(), persistent=False)
+
+    def scale(self) -> torch.Tensor:
+        """The effective ``z``."""
+        return effective_scale(self.svf_param, self.S, self.parameterisation)
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.U * (self.S * (self.scale() - 1.0)), self.V.T
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.V) * (self.S * (self.scale() - 1.0))) @ self.U.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled or self.forward_mode == "factorised":
+            return super().forward(x)
+        W = (self.U * (self.S * self.scale())) @ self.V.T
+        return F.linear(x, W.to(x.dtype), self.base_layer.bias)

@@ -1,0 +1,114 @@
+"""An SVF expert's learned scales, frozen as a probe of skill-critical singular directions.
+
+For each matrix the probe score is ``d_i = |z_i - 1|`` over the singular index ``i`` (``z`` the effective scale).
+Protected index sets are chosen from the scores by one rule:
+- ``top_fraction``: the ``ceil(rho * r0)`` indices with the largest ``d_i``;
+- ``threshold``: ``d_i > tau``;
+- ``mass``: the smallest set holding a fraction ``q`` of ``sum_i d_i``.
+A probe directory holds ``probe_config.json`` and ``probe.safetensors``; it records the identity (shape and content
+hash) of the base weights it was trained on, and refuses other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .spectral import weight_hash
+
+SELECTION_RULES = ("top_fraction", "threshold", "mass")
+PROBE_CONFIG = "probe_config.json"
+PROBE_WEIGHTS = "probe.safetensors"
+
+
+def select_indices(scores: torch.Tensor, rule: str, rho: float = 0.1, tau: float = 0.05, q: float = 0.5) -> torch.Tensor:
+    """Protected indices (sorted ascending) chosen from probe scores ``d`` by ``rule``."""
+    if rule == "top_fraction":
+        if not 0 <= rho <= 1:
+            raise ValueError(f"rho must be in [0, 1], got {rho}")
+        n = math.ceil(rho * scores.numel())
+        return torch.sort(torch.topk(scores, n).indices).values
+    if rule == "threshold":
+        return torch.nonzero(scores > tau).flatten()
+    if rule == "mass":
+        if not 0 <= q <= 1:
+            raise ValueError(f"q must be in [0, 1], got {q}")
+        order = torch.argsort(scores, descending=True)
+        cum = torch.cumsum(scores[order].double(), 0)
+        n = int(torch.searchsorted(cum, q * cum[-1]).item()) + 1 if q > 0 else 0
+        return torch.sort(order[: min(n, scores.numel())]).values
+    raise ValueError(f"unknown selection rule {rule!r}; use one of {SELECTION_RULES}")
+
+
+@dataclass
+class Probe:
+    """Effective SVF scales ``z`` per module, and the identity of the weights they were learned on."""
+
+    scales: dict[str, torch.Tensor]
+    base: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def scores(self, name: str) -> torch.Tensor:
+        """``d = |z - 1|`` for one module."""
+        return (self.scales[name] - 1.0).abs()
+
+    def select(self, name: str, rule: str, rho: float = 0.1, tau: float = 0.05, q: float = 0.5) -> torch.Tensor:
+        return select_indices(self.scores(name), rule, rho=rho, tau=tau, q=q)
+
+    def num_parameters(self) -> int:
+        return sum(z.numel() for z in self.scales.values())
+
+    def check_base(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless ``model`` holds exactly the weights this probe was trained on."""
+        modules = dict(model.named_modules())
+        for name, ident in self.base.items():
+            module = modules.get(name)
+            if module is None or not hasattr(module, "weight"):
+                raise ValueError(f"probe module {name!r} is not in the model")
+            W = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+            if list(W.shape) != list(ident["shape"]) or weight_hash(W) != ident["hash"]:
+                raise ValueError(f"probe was trained on other weights than the model's {name!r} (hash mismatch)")
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp_w, tmp_c = path / (PROBE_WEIGHTS + ".tmp"), path / (PROBE_CONFIG + ".tmp")
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.scales.items()}, str(tmp_w))
+        tmp_c.write_text(json.dumps({"modules": self.base, "meta": self.meta}, indent=2))
+        os.replace(tmp_w, path / PROBE_WEIGHTS)
+        os.replace(tmp_c, path / PROBE_CONFIG)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Probe":
+        path = Path(path)
+        if not (path / PROBE_CONFIG).exists() or not (path / PROBE_WEIGHTS).exists():
+            raise FileNotFoundError(f"{path} is not a probe directory (needs {PROBE_CONFIG} and {PROBE_WEIGHTS})")
+        cfg = json.loads((path / PROBE_CONFIG).read_text())
+        return cls(scales=load_file(str(path / PROBE_WEIGHTS)), base=cfg["modules"], meta=cfg.get("meta", {}),
+                   source=str(path))
+
+    @classmethod
+    def from_model(cls, model: nn.Module, meta: dict[str, Any] | None = None) -> "Probe":
+        """Freeze the effective scales of every SVF layer in a (spectral-peft wrapped) model."""
+        from .adapters.svf import SVFLayer
+        from .model import SpectralPeftModel
+
+        scales, base = {}, {}
+        root = model.base_model if isinstance(model, SpectralPeftModel) else model
+        for name, module in root.named_modules():
+            if isinstance(module, SVFLayer):
+                scales[name] = module.scale().detach().float().cpu()
+                W = module.base_layer.weight
+                base[name] = {"shape": list(W.shape), "hash": weight_hash(W)}
+        if not scales:
+            raise ValueError("the model has no SVF layers to make a probe from")
+        return cls(scales=scales, base=base, meta=dict(meta or {}))

@@ -1,0 +1,48 @@
+"""Cross-cutting training hooks: HiP-LoRA's budget projection after every optimiser step, and budget logging.
+
+Plain loops: ``attach_budget_projection(optimizer, model)`` registers a torch optimiser post-step hook.
+transformers ``Trainer``: ``BudgetCallback()`` projects in ``on_optimizer_step`` and adds the budget use
+(``max_layers R(phi) / eps``) to the logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..model import SpectralPeftModel
+
+
+def _unwrap(model: Any) -> SpectralPeftModel | None:
+    while model is not None and not isinstance(model, SpectralPeftModel):
+        model = getattr(model, "module", None)
+    return model
+
+
+def max_budget_use(model: SpectralPeftModel) -> float | None:
+    """The largest ``R(phi) / eps`` over HiP-LoRA layers (``None`` when there are none)."""
+    use = model.budget_use()
+    return max(use.values()) if use else None
+
+
+def attach_budget_projection(optimizer: torch.optim.Optimizer, model: SpectralPeftModel):
+    """Project HiP-LoRA's ``phi`` onto its budget after every ``optimizer.step()``; returns the hook handle."""
+    return optimizer.register_step_post_hook(lambda *_: model.project_budgets())
+
+
+class BudgetCallback(TrainerCallback):
+    """Trainer hook: budget projection after each optimiser step, and ``budget_use`` in the logs."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        wrapped = _unwrap(model)
+        if wrapped is not None:
+            wrapped.project_budgets()
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        wrapped = _unwrap(model)
+        if wrapped is not None and logs is not None:
+            use = max_budget_use(wrapped)
+            if use is not None:
+                logs["budget_use"] = use
