@@ -23,7 +23,7 @@ def skill_document(rng: random.Random, skill: str, split: str = "train") -> str:
     parts: list[str] = []
     n = rng.randint(1, 3)
     while len(parts) < n:
-        ex = task.make(rng, rng.choice(task.difficulties))
+        ex = task.make(rng, rng.choice(task.pretrain_difficulties))
         if split_of(ex.prompt) == split:
             parts.append(ex.prompt + ex.target)
     return "".join(parts)

@@ -53,13 +53,19 @@ def final_answer(output: str) -> str:
 class GeneratedTask:
     """A task defined by a sampler `make(rng, difficulty) -> Example`, with hash-disjoint splits.
 
-    `difficulties` lists the levels mixed when `difficulty=None`. The checker compares the extracted
-    final answer with the example's answer after whitespace normalisation.
+    `difficulties` lists the levels mixed when `difficulty=None`; `pretrain_difficulties` (default: the same)
+    are the levels of the organism's pretraining corpus. The checker compares the extracted final answer
+    with the example's answer after whitespace normalisation.
     """
 
     name: str
     make: Callable[[random.Random, int], Example]
     difficulties: tuple[int, ...]
+    pretrain_difficulties: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.pretrain_difficulties is None:
+            self.pretrain_difficulties = self.difficulties
 
     def examples(self, split: str, n: int | None = None, seed: int = 0, difficulty: int | None = None) -> list[Example]:
         """`n` distinct examples of `split` (default sizes 2000/200/500), deterministic in (name, split, seed, difficulty)."""

@@ -1,0 +1,83 @@
+"""Measure the organism's quality (skills, fact recall, categories, perplexity) and print it as markdown.
+
+Run: `python -m spectral_peft.organism.quality [--model DIR] [--json PATH]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import INSTRUCTION_TASKS, SKILLS, World, get_task, heldout_text
+from ..evaluation import knowledge_categories, paraphrase_recall, perplexity, recall, skill_accuracy
+
+
+def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_category: int = 100,
+            progress: bool = True) -> dict:
+    """Quality metrics of a model on the organism's world (test splits, default difficulty mixes)."""
+    world = World()
+    out: dict = {"parameters": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    out["skills"] = {s: skill_accuracy(model, tokenizer, s, n=n_skill, progress=progress).accuracy for s in SKILLS}
+    out["seconds_per_500_skill_questions"] = (time.perf_counter() - t0) / len(SKILLS) * 500 / n_skill
+    out["skills_by_difficulty"] = {
+        s: {d: skill_accuracy(model, tokenizer, s, get_task(s).examples("test", n=100, difficulty=d), progress=progress).accuracy
+            for d in get_task(s).difficulties} for s in SKILLS}
+    out["instruction_tasks"] = {t: skill_accuracy(model, tokenizer, t, n=n_instruction, progress=progress).accuracy
+                                for t in INSTRUCTION_TASKS}
+    out["known_recall"] = recall(model, tokenizer, world.known_facts, progress=progress).accuracy
+    out["known_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.known_facts, progress=progress)
+    out["heldout_recall"] = recall(model, tokenizer, world.heldout_facts, progress=progress).accuracy
+    out["heldout_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.heldout_facts, progress=progress)
+    sample = world.known_facts[:n_category] + world.heldout_facts[:n_category]
+    cats = knowledge_categories(model, tokenizer, sample, progress=progress)
+    out["categories"] = {
+        "known": {c: sum(cats.categories[f.id].value == c for f in world.known_facts[:n_category]) for c in cats.counts()},
+        "heldout": {c: sum(cats.categories[f.id].value == c for f in world.heldout_facts[:n_category]) for c in cats.counts()},
+    }
+    ppl = perplexity(model, tokenizer, heldout_text(), progress=progress)
+    out["heldout_text"] = {"nll": ppl.nll, "perplexity": ppl.perplexity, "tokens": ppl.n_tokens}
+    return out
+
+
+def markdown(m: dict) -> str:
+    """The metrics as a markdown table."""
+    rows = [("parameters", f"{m['parameters']:,}")]
+    rows += [(f"skill `{s}` test accuracy (n=500)", f"{a:.1%}") for s, a in m["skills"].items()]
+    rows += [(f"skill `{s}` by difficulty (n=100 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
+             for s, v in m["skills_by_difficulty"].items()]
+    rows += [("instruction tasks (not pretrained, n=100)", ", ".join(f"{t}: {a:.0%}" for t, a in m["instruction_tasks"].items()))]
+    rows += [("known-fact recall (800, main question)", f"{m['known_recall']:.1%}"),
+             ("known-fact recall (paraphrased questions)", f"{m['known_paraphrase_recall']:.1%}"),
+             ("held-out-fact recall (400, main question)", f"{m['heldout_recall']:.1%}"),
+             ("held-out-fact recall (paraphrased questions)", f"{m['heldout_paraphrase_recall']:.1%}"),
+             ("categories, first 100 known facts", ", ".join(f"{k}: {v}" for k, v in m["categories"]["known"].items())),
+             ("categories, first 100 held-out facts", ", ".join(f"{k}: {v}" for k, v in m["categories"]["heldout"].items())),
+             ("held-out text NLL / perplexity", f"{m['heldout_text']['nll']:.3f} / {m['heldout_text']['perplexity']:.2f}"),
+             ("seconds per 500 skill questions", f"{m['seconds_per_500_skill_questions']:.1f}")]
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def main() -> None:
+    """Command-line entry: measure a checkpoint (default: the shipped organism) and print markdown."""
+    from . import load
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the shipped organism)")
+    parser.add_argument("--json", default=None, help="also write the metrics as JSON here")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model)
+    metrics = measure(model, tokenizer)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    print(markdown(metrics))
+
+
+if __name__ == "__main__":
+    main()
