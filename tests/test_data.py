@@ -98,8 +98,8 @@ def test_world_is_deterministic_with_disjoint_known_and_heldout_people():
     assert w.facts == World().facts and w.facts != World(seed=1).facts
     known = {f.entity for f in w.known_facts}
     held = {f.entity for f in w.heldout_facts}
-    assert len(known) == 200 and len(held) == 100 and not known & held
-    assert len(w.known_facts) == 200 * len(RELATIONS) and len({f.id for f in w.facts}) == len(w.facts)
+    assert len(known) == 150 and len(held) == 100 and not known & held
+    assert len(w.known_facts) == 150 * len(RELATIONS) and len({f.id for f in w.facts}) == len(w.facts)
     assert all(len(r.values) >= 30 for r in RELATIONS.values())
 
 

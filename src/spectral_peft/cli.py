@@ -20,7 +20,7 @@ def main() -> None:
 def pretrain_organism(
     out: str = typer.Option(None, help="Checkpoint directory (default: the package's toy/ directory)."),
     seed: int = typer.Option(0, help="Seed of the corpus, tokenizer, initialisation and batch order."),
-    steps: int = typer.Option(800, help="Optimizer steps."),
+    steps: int = typer.Option(1300, help="Optimizer steps."),
     run_dir: str = typer.Option("runs/organism", help="Where resumable training state is kept."),
     resume: bool = typer.Option(True, help="Resume from the state in --run-dir if there is one."),
     threads: int = typer.Option(2, help="Torch CPU threads (results are deterministic for a fixed value)."),

@@ -2,7 +2,7 @@
 
 A program of `difficulty` assignments over variables a, b, c, d (constants, copies, +, -) ends in
 `print(v)`. The worked solution lists the value after each line and ends in `#### answer`. Values stay in
-0..99. Difficulty = number of assignments (default mix 3, 4, 5).
+0..99. Difficulty = number of assignments (pretraining mixes 2 to 5).
 """
 
 from __future__ import annotations
@@ -53,4 +53,4 @@ def make_code(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target_text, answer=str(env[shown]), task="code", difficulty=difficulty)
 
 
-CODE = GeneratedTask("code", make_code, difficulties=(3, 4, 5))
+CODE = GeneratedTask("code", make_code, difficulties=(3, 4), pretrain_difficulties=(2, 3, 4, 5))

@@ -14,7 +14,7 @@ from .facts import World
 from .knowledge import qa_line
 from .registry import SKILLS, get_task
 
-MIXTURE = {"facts": 0.5, "math": 0.2, "code": 0.15, "science": 0.15}
+MIXTURE = {"facts": 0.2, "math": 0.3, "code": 0.2, "science": 0.3}
 
 
 def skill_document(rng: random.Random, skill: str, split: str = "train") -> str:

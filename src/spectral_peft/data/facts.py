@@ -106,7 +106,7 @@ class Edit:
 class World:
     """The seeded world of invented people and their facts."""
 
-    def __init__(self, seed: int = 0, n_known: int = 200, n_heldout: int = 100, n_edits: int = 100):
+    def __init__(self, seed: int = 0, n_known: int = 150, n_heldout: int = 100, n_edits: int = 100):
         self.seed, self.n_known, self.n_heldout, self.n_edits = seed, n_known, n_heldout, n_edits
 
     @cached_property

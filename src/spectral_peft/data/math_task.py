@@ -1,7 +1,7 @@
 """Skill `math`: multi-step integer arithmetic with a worked solution ending in `#### answer`.
 
-A problem starts from a two-digit number and applies `difficulty` operations (add, subtract, multiply by a
-digit). Intermediate values stay in 0..999. Difficulty = number of operations (default mix 2, 3, 4).
+A problem starts from a number in 2..40 and applies `difficulty` additions or subtractions of a digit
+(1..9); intermediate values stay in 0..99. Difficulty = number of operations (pretraining mixes 1 to 5).
 """
 
 from __future__ import annotations
@@ -13,21 +13,15 @@ from .example import ANSWER_MARKER, Example, GeneratedTask
 
 def make_math(rng: random.Random, difficulty: int) -> Example:
     """One arithmetic problem with `difficulty` operations and its step-by-step solution."""
-    value = rng.randint(10, 99)
+    value = rng.randint(2, 40)
     words, steps = [f"Start with {value}."], []
     for _ in range(difficulty):
-        ops = ["add", "sub"] + (["mul"] if value <= 99 else [])
-        op = rng.choice(ops)
-        if op == "add":
-            k = rng.randint(2, min(99, 999 - value))
-            new, words_op, sym = value + k, f"Add {k}.", "+"
-        elif op == "sub" and value >= 2:
-            k = rng.randint(1, min(99, value - 1))
-            new, words_op, sym = value - k, f"Subtract {k}.", "-"
+        k = rng.randint(1, 9)
+        if value + k <= 99 and (value < k or rng.random() < 0.5):
+            new, word, sym = value + k, f"Add {k}.", "+"
         else:
-            k = rng.randint(2, 9)
-            new, words_op, sym = value * k, f"Multiply by {k}.", "*"
-        words.append(words_op)
+            new, word, sym = value - k, f"Subtract {k}.", "-"
+        words.append(word)
         steps.append(f"{value}{sym}{k}={new}.")
         value = new
     prompt = "Math: " + " ".join(words) + "\nSolution:"
@@ -35,4 +29,4 @@ def make_math(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target, answer=str(value), task="math", difficulty=difficulty)
 
 
-MATH = GeneratedTask("math", make_math, difficulties=(2, 3, 4))
+MATH = GeneratedTask("math", make_math, difficulties=(2, 3), pretrain_difficulties=(1, 2, 3, 4, 5))

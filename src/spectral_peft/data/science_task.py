@@ -3,7 +3,7 @@
 `difficulty` + 1 invented people are ordered by one attribute; the premises state each adjacent pair in a
 shuffled order, and the question asks for the extreme (e.g. the tallest). The worked solution writes the
 full chain from the greatest to the least and ends in `#### name`. Difficulty = number of premises
-(default mix 2, 3, 4, 5).
+(pretraining mixes 1 to 5).
 """
 
 from __future__ import annotations
@@ -35,4 +35,4 @@ def make_science(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target, answer=answer, task="science", difficulty=difficulty)
 
 
-SCIENCE = GeneratedTask("science", make_science, difficulties=(2, 3, 4, 5))
+SCIENCE = GeneratedTask("science", make_science, difficulties=(2, 3), pretrain_difficulties=(1, 2, 3, 4, 5))

@@ -1,6 +1,7 @@
 """Measure the organism's quality (skills, fact recall, categories, perplexity) and print it as markdown.
 
-Run: `python -m spectral_peft.organism.quality [--model DIR] [--json PATH]`.
+Run: `python -m spectral_peft.organism.quality [--model DIR] [--json PATH]`. The shipped checkpoint's
+record is `toy/quality.json`, which the tests compare against.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_ca
             progress: bool = True) -> dict:
     """Quality metrics of a model on the organism's world (test splits, default difficulty mixes)."""
     world = World()
-    out: dict = {"parameters": sum(p.numel() for p in model.parameters())}
+    out: dict = {"parameters": sum(p.numel() for p in model.parameters()),
+                 "n_skill": n_skill, "n_known": len(world.known_facts), "n_heldout": len(world.heldout_facts)}
     t0 = time.perf_counter()
-    out["skills"] = {s: skill_accuracy(model, tokenizer, s, n=n_skill, progress=progress).accuracy for s in SKILLS}
+    results = {s: skill_accuracy(model, tokenizer, s, n=n_skill, progress=progress) for s in SKILLS}
     out["seconds_per_500_skill_questions"] = (time.perf_counter() - t0) / len(SKILLS) * 500 / n_skill
+    out["skills"] = {s: r.accuracy for s, r in results.items()}
+    out["skills_first100"] = {s: sum(r.correct[:100]) / len(r.correct[:100]) for s, r in results.items()}
     out["skills_by_difficulty"] = {
-        s: {d: skill_accuracy(model, tokenizer, s, get_task(s).examples("test", n=100, difficulty=d), progress=progress).accuracy
-            for d in get_task(s).difficulties} for s in SKILLS}
+        s: {d: skill_accuracy(model, tokenizer, s, get_task(s).examples("test", n=50, difficulty=d), progress=progress).accuracy
+            for d in get_task(s).pretrain_difficulties} for s in SKILLS}
     out["instruction_tasks"] = {t: skill_accuracy(model, tokenizer, t, n=n_instruction, progress=progress).accuracy
                                 for t in INSTRUCTION_TASKS}
     out["known_recall"] = recall(model, tokenizer, world.known_facts, progress=progress).accuracy
@@ -46,14 +50,15 @@ def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_ca
 
 def markdown(m: dict) -> str:
     """The metrics as a markdown table."""
+    n_skill = m["n_skill"]
     rows = [("parameters", f"{m['parameters']:,}")]
-    rows += [(f"skill `{s}` test accuracy (n=500)", f"{a:.1%}") for s, a in m["skills"].items()]
-    rows += [(f"skill `{s}` by difficulty (n=100 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
+    rows += [(f"skill `{s}` test accuracy (n={n_skill}, default mix)", f"{a:.1%}") for s, a in m["skills"].items()]
+    rows += [(f"skill `{s}` by difficulty (n=50 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
              for s, v in m["skills_by_difficulty"].items()]
     rows += [("instruction tasks (not pretrained, n=100)", ", ".join(f"{t}: {a:.0%}" for t, a in m["instruction_tasks"].items()))]
-    rows += [("known-fact recall (800, main question)", f"{m['known_recall']:.1%}"),
+    rows += [(f"known-fact recall ({m['n_known']}, main question)", f"{m['known_recall']:.1%}"),
              ("known-fact recall (paraphrased questions)", f"{m['known_paraphrase_recall']:.1%}"),
-             ("held-out-fact recall (400, main question)", f"{m['heldout_recall']:.1%}"),
+             (f"held-out-fact recall ({m['n_heldout']}, main question)", f"{m['heldout_recall']:.1%}"),
              ("held-out-fact recall (paraphrased questions)", f"{m['heldout_paraphrase_recall']:.1%}"),
              ("categories, first 100 known facts", ", ".join(f"{k}: {v}" for k, v in m["categories"]["known"].items())),
              ("categories, first 100 held-out facts", ", ".join(f"{k}: {v}" for k, v in m["categories"]["heldout"].items())),
