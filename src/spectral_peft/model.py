@@ -69,10 +69,11 @@ def check_identity(model: nn.Module, recorded: dict[str, dict[str, Any]]) -> Non
         module = modules.get(name)
         if module is None:
             raise ValueError(f"the adapter's base module {name!r} is not in the model")
-        W = module.weight
-        if list(W.shape) != list(ident["shape"]):
-            raise ValueError(f"{name}: the adapter expects shape {ident['shape']}, the model has {list(W.shape)}")
-        if weight_hash(W) != ident["hash"]:
+        if list(module.weight.shape) != list(ident["shape"]):
+            raise ValueError(f"{name}: the adapter expects shape {ident['shape']}, the model has "
+                             f"{list(module.weight.shape)}")
+    for name, ident in recorded.items():
+        if weight_hash(modules[name].weight) != ident["hash"]:
             raise ValueError(f"{name}: the model's weights differ from the base the adapter was made on (hash mismatch)")
 
 

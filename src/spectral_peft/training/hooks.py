@@ -33,16 +33,23 @@ def attach_budget_projection(optimizer: torch.optim.Optimizer, model: SpectralPe
 
 
 class BudgetCallback(TrainerCallback):
-    """Trainer hook: budget projection after each optimiser step, and ``budget_use`` in the logs."""
+    """Trainer hook: budget projection after each optimiser step; ``budget_use`` kept in ``history`` as
+    ``(step, use)`` after every step, and added to each logged entry (``trainer.state.log_history``)."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, float]] = []
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         wrapped = _unwrap(model)
-        if wrapped is not None:
-            wrapped.project_budgets()
+        if wrapped is None:
+            return
+        wrapped.project_budgets()
+        use = max_budget_use(wrapped)
+        if use is not None:
+            self.history.append((state.global_step + 1, use))
 
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        wrapped = _unwrap(model)
-        if wrapped is not None and logs is not None:
-            use = max_budget_use(wrapped)
-            if use is not None:
-                logs["budget_use"] = use
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.history and logs is not None:
+            logs["budget_use"] = self.history[-1][1]
+            if state.log_history:
+                state.log_history[-1]["budget_use"] = self.history[-1][1]
