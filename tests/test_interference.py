@@ -1,0 +1,126 @@
+"""Spectral interference metrics and pretraining degradation: exact cases on plain matrices and a tiny Llama."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from spectral_peft import HiPLoRAConfig, get_peft_model
+from spectral_peft.evaluation.interference import (
+    Degradation, interference_table, parse_module_name, plot_interference, pretraining_degradation,
+    spectral_interference,
+)
+from spectral_peft.merging import adapter_deltas
+
+
+def spectral_matrix(m=12, n=9, seed=0):
+    """``W = U diag(S) V^T`` with well-separated singular values 9, 8, ..., 1."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    S = torch.arange(min(m, n), 0, -1, dtype=torch.float64)
+    return U, S, V, (U[:, :len(S)] * S) @ V.T
+
+
+def test_update_inside_the_top_k_subspace():
+    U, S, V, W = spectral_matrix()
+    k = 3
+    phi = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+    out = spectral_interference(W, (U[:, :k] * phi) @ V[:, :k].T, k)
+    assert out.energy_fraction == pytest.approx(1.0, abs=1e-12)
+    assert out.left_angle_max < 1e-7 and out.right_angle_max < 1e-7
+    assert out.sv_rel_change == pytest.approx(float(phi.norm() / S[:k].norm()), rel=1e-9)
+    assert out.sv_max_rel_change == pytest.approx(0.5 / 9, rel=1e-9)
+
+
+def test_update_orthogonal_to_the_top_k_subspace_leaves_it_fixed():
+    U, S, V, W = spectral_matrix()
+    k, r0 = 3, len(S)
+    X = 0.5 * torch.randn(12 - k, r0 - k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dW = U[:, k:] @ X @ V[:, k:].T  # = P_L dW P_R: the HiP-LoRA residual / OPLoRA form
+    out = spectral_interference(W, dW, k)
+    assert out.energy_fraction == pytest.approx(0.0, abs=1e-12)
+    assert out.left_angle_max < 1e-7 and out.right_angle_max < 1e-7
+    assert out.sv_rel_change < 1e-12
+
+
+def test_small_rotation_angle_is_accurate():
+    """Rotating u_1 towards u_9 by theta = 1e-9 rad gives a left angle of 1e-9 (cosines alone would give 0)."""
+    U, S, V, W = spectral_matrix()
+    theta = 1e-9
+    U2 = U.clone()
+    U2[:, 0] = math.cos(theta) * U[:, 0] + math.sin(theta) * U[:, 8]
+    U2[:, 8] = -math.sin(theta) * U[:, 0] + math.cos(theta) * U[:, 8]
+    out = spectral_interference(W, (U2[:, :9] * S) @ V.T - W, k=3)
+    assert out.left_angle_max == pytest.approx(theta, rel=1e-4)
+    assert out.right_angle_max < 1e-12
+    assert out.left_angle_mean == pytest.approx(theta / 3, rel=1e-4)
+
+
+def test_generic_update_and_known_angle():
+    U, S, V, W = spectral_matrix()
+    dW = 0.3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = spectral_interference(W, dW, k=3)
+    assert 0 < out.energy_fraction < 1 and out.left_angle_max > 1e-3 and out.right_angle_max > 1e-3
+    # Swap the roles of u_1 and u_9 (rank-1 plus rank-1 update): the left top-1 subspace turns by 90 degrees.
+    swap = 10 * torch.outer(U[:, 8], V[:, 0]) - 9 * torch.outer(U[:, 0], V[:, 0])
+    assert spectral_interference(W, swap, k=1).left_angle_max == pytest.approx(math.pi / 2, abs=1e-9)
+    assert math.isnan(spectral_interference(W, torch.zeros_like(W), 2).energy_fraction)
+
+
+def test_bad_input():
+    W = torch.eye(4)
+    with pytest.raises(ValueError, match="out of range"):
+        spectral_interference(W, torch.zeros(4, 4), 5)
+    with pytest.raises(ValueError, match="one shape"):
+        spectral_interference(W, torch.zeros(4, 3), 2)
+
+
+def test_parse_module_name():
+    assert parse_module_name("model.layers.13.mlp.up_proj") == (13, "up_proj")
+    assert parse_module_name("base_model.model.model.layers.0.self_attn.q_proj") == (0, "q_proj")
+    assert parse_module_name("lm_head") == (None, "lm_head")
+
+
+def test_table_on_a_tiny_llama_with_hiplora_residual_only():
+    """HiP-LoRA with phi = 0: the update is purely residual, so it leaves the top-k triplets of every W intact."""
+    base = tiny_model()
+    wrapped = get_peft_model(base, HiPLoRAConfig(r=2, k=4, target_modules=["q_proj", "down_proj"]), progress=False)
+    with torch.no_grad():
+        for layer in wrapped.hip_layers():
+            layer.lora.lora_B.normal_(std=1e-3)
+    deltas = adapter_deltas(wrapped)
+    base = wrapped.unload()
+    rows = interference_table(base, deltas, k=4)
+    assert [(r.layer, r.matrix) for r in rows] == [(0, "down_proj"), (0, "q_proj"), (1, "down_proj"), (1, "q_proj")]
+    for row in rows:
+        assert row.metrics.energy_fraction < 1e-10
+        assert row.metrics.left_angle_max < 1e-4 and row.metrics.right_angle_max < 1e-4
+        assert row.metrics.sv_rel_change < 1e-5
+    json.dumps([r.to_dict() for r in rows])
+    fig = plot_interference({"hiplora": rows, "random": interference_table(
+        base, {n: 0.05 * torch.randn_like(d) for n, d in deltas.items()}, k=4)}, metric="left_angle_max")
+    assert [line.get_label() for line in fig.axes[0].lines] == ["hiplora", "random"]
+    assert list(fig.axes[0].lines[0].get_xdata()) == [0, 1]
+    with pytest.raises(ValueError, match="not weight-carrying"):
+        interference_table(base, {"model.nope": torch.zeros(2, 2)}, k=1)
+    with pytest.raises(ValueError, match="unknown metric"):
+        plot_interference({"x": rows}, metric="nope")
+
+
+def test_pretraining_degradation_with_pluggable_evaluations():
+    base, adapted = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    nll = {id(base): 1.0, id(adapted): 1.2}
+    acc = {"math": {id(base): 0.80, id(adapted): 0.75}, "known_facts": {id(base): 0.9, id(adapted): 0.6}}
+    d = pretraining_degradation(base, adapted, lambda m: nll[id(m)], {t: (lambda m, t=t: acc[t][id(m)]) for t in acc})
+    assert d.delta_nll == pytest.approx(0.2)
+    assert d.ppl_ratio == pytest.approx(math.exp(0.2)) and d.ppl_adapted / d.ppl_base == pytest.approx(d.ppl_ratio)
+    assert d.points == pytest.approx({"known_facts": -30.0, "math": -5.0})
+    assert json.loads(json.dumps(d.to_dict()))["points"]["math"] == pytest.approx(-5.0)
+    with pytest.raises(ValueError, match="different tasks"):
+        Degradation(1.0, 1.0, {"a": 0.5}, {"b": 0.5})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Degradation(1.0, 1.0, {"a": 50.0}, {"a": 0.5})
