@@ -332,3 +332,16 @@ def test_probe_round_trip(tmp_path):
     assert all(torch.equal(loaded.scales[n], probe.scales[n]) for n in probe.scales)
     with pytest.raises(FileNotFoundError):
         Probe.load(tmp_path)
+
+
+def test_svf_auto_mode_recomposes_only_for_large_batches():
+    wrapped = get_peft_model(tiny_model(), method_config("svf", forward_mode="auto"), progress=False)
+    layer = next(iter(wrapped.spectral_layers().values()))  # 48 x 32: recompose above 2*48*32/80 = 38.4 tokens
+    with torch.no_grad():
+        layer.svf_param.normal_()
+    small, large = torch.randn(1, 38, 32), torch.randn(2, 20, 32)
+    assert not layer.recomposes(small) and layer.recomposes(large)
+    for x in (small, large):
+        with torch.no_grad():
+            expected = layer.base_layer(x) + layer.delta(x)
+            assert torch.allclose(layer(x), expected, atol=1e-5)

@@ -5,8 +5,12 @@ Parameterisations of the effective scale ``z`` (length ``r0 = min(m, n)``):
 - ``"sigmoid"``: Transformer-squared's ``z = sigmoid(p) * sum(sigma) / sum(sigma * sigmoid(p))``, which keeps
   ``sum(sigma * z) = sum(sigma)``; any constant ``p`` (here 0) is the identity.
 
-Forward modes: ``"factorised"`` computes ``W x + U ((sigma * (z - 1)) * (V^T x))``; ``"recompose"`` builds
-``U diag(sigma * z) V^T`` once per call and applies it. Both give the same output (tested).
+Forward modes: ``"factorised"`` computes ``W x + U ((sigma * (z - 1)) * (V^T x))`` (about ``(m + n) r0`` extra
+multiply-adds per token); ``"recompose"`` builds ``U diag(sigma * z) V^T`` once per call (``m n r0``, independent of
+the batch) and applies it. Both give the same output (tested). ``"auto"`` (default) recomposes when the batch has
+more than ``2 m n / (m + n)`` tokens, the point where the two costs cross on the step-time benchmark
+(docs/performance.md: recomposing wins on the organism's 1,024-token batches, and loses by 8x on a 4096x14336
+layer with a few hundred tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..spectral import SVD
 from .base import MLP_MODULES, AdapterConfig, SpectralLayer
 
 PARAMETERISATIONS = ("plain", "sigmoid")
-FORWARD_MODES = ("factorised", "recompose")
+FORWARD_MODES = ("auto", "factorised", "recompose")
 
 
 def effective_scale(param: torch.Tensor, S: torch.Tensor, parameterisation: str) -> torch.Tensor:
@@ -35,13 +39,14 @@ def effective_scale(param: torch.Tensor, S: torch.Tensor, parameterisation: str)
 
 @dataclass
 class SVFConfig(AdapterConfig):
-    """``parameterisation``: ``"plain"`` or ``"sigmoid"``; ``forward_mode``: ``"factorised"`` or ``"recompose"``."""
+    """``parameterisation``: ``"plain"`` or ``"sigmoid"``; ``forward_mode``: ``"auto"``, ``"factorised"`` or
+    ``"recompose"``."""
 
     method: ClassVar[str] = "svf"
     default_targets: ClassVar[tuple[str, ...]] = MLP_MODULES
 
     parameterisation: str = "plain"
-    forward_mode: str = "recompose"
+    forward_mode: str = "auto"
 
     def validate(self) -> None:
         if self.parameterisation not in PARAMETERISATIONS:
@@ -75,8 +80,14 @@ class SVFLayer(SpectralLayer):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return ((x @ self.V) * (self.S * (self.scale() - 1.0))) @ self.U.T
 
+    def recomposes(self, x: torch.Tensor) -> bool:
+        if self.forward_mode == "auto":
+            m, n = self.shape
+            return x.numel() // n > 2 * m * n / (m + n)
+        return self.forward_mode == "recompose"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled or self.forward_mode == "factorised":
+        if self.merged or self.disabled or not self.recomposes(x):
             return super().forward(x)
         W = (self.U * (self.S * self.scale())) @ self.V.T
         return F.linear(x, W.to(x.dtype), self.base_layer.bias)
