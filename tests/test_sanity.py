@@ -1,0 +1,84 @@
+"""Spectral sanity check: perturbation algebra, exact restoration of the weights, and the correlations."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+
+from spectral_peft.evaluation.sanity import (
+    correlate, direction_perturbation, lm_loss, spectral_sanity, spread_indices,
+)
+
+
+def svd(seed=0):
+    W = torch.randn(7, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return W, U, S, Vh.T
+
+
+def test_flip_and_zero_change_exactly_one_singular_value():
+    W, U, S, V = svd()
+    flipped = W + direction_perturbation(U, S, V, 2, "flip")
+    assert torch.allclose(flipped, (U * torch.cat([S[:2], -S[2:3], S[3:]])) @ V.T, atol=1e-12)
+    assert torch.allclose(torch.linalg.svdvals(flipped), S, atol=1e-12)  # |-sigma| = sigma
+    zeroed = torch.linalg.svdvals(W + direction_perturbation(U, S, V, 2, "zero"))
+    assert torch.allclose(zeroed, torch.cat([S[:2], S[3:], torch.zeros(1, dtype=S.dtype)]), atol=1e-12)
+
+
+def test_noise_is_a_seeded_rank_two_change_of_relative_size_about_noise():
+    W, U, S, V = svd()
+    dW = direction_perturbation(U, S, V, 0, "noise", 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(dW, direction_perturbation(U, S, V, 0, "noise", 0.1, torch.Generator().manual_seed(3)))
+    assert torch.linalg.matrix_rank(dW) <= 2
+    assert 0.01 < float(dW.norm() / S[0]) < 0.2
+    top = torch.linalg.svdvals(W + dW)  # the triplet keeps its singular value up to the noise's leakage
+    assert float(top[0]) == pytest.approx(float(S[0]), rel=0.05)
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        direction_perturbation(U, S, V, 0, "scale")
+
+
+class Frobenius(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 8, bias=False)
+
+
+def test_zeroing_under_a_frobenius_loss_gives_perfect_rank_correlation():
+    """loss = ||W||_F^2: zeroing sigma_i changes it by exactly -sigma_i^2, monotone in sigma."""
+    torch.manual_seed(0)
+    model = Frobenius()
+    res = spectral_sanity(model, lambda m: float(m.lin.weight.detach().double().pow(2).sum()), ["lin"], "zero", indices=6)
+    assert [e.index for e in res.effects] == list(range(6))
+    for e in res.effects:
+        assert e.loss_change == pytest.approx(-e.sigma ** 2, rel=1e-5)
+    assert res.correlation.spearman_rho == pytest.approx(1.0) and res.correlation.spearman_p < 0.01
+    assert res.correlation.pearson_r > 0.9
+    json.dumps(res.to_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["flip", "noise", "zero"])
+def test_weights_are_restored_bit_exactly(kind, dtype, input_ids):
+    model = tiny_model(dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    res = spectral_sanity(model, lm_loss(input_ids), names, kind, indices=[0, 5, 31], seed=1)
+    assert len(res.effects) == 6 and any(abs(e.loss_change) > 0 for e in res.effects)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert lm_loss(input_ids)(model) == res.base_loss
+
+
+def test_inputs_are_checked_and_indices_spread():
+    assert spread_indices(32, 4) == [0, 10, 21, 31] and spread_indices(3, 10) == [0, 1, 2]
+    model = Frobenius()
+    with pytest.raises(ValueError, match="out of range"):
+        spectral_sanity(model, lambda m: 0.0, ["lin"], indices=[6])
+    with pytest.raises(ValueError, match="not weight-carrying"):
+        spectral_sanity(model, lambda m: 0.0, ["nope"])
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        spectral_sanity(model, lambda m: 0.0, ["lin"], "scale")
+    with pytest.raises(ValueError, match="at least 3"):
+        correlate([1.0, 2.0], [0.1, 0.2])
