@@ -25,7 +25,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..example import Task
-from ..registry import _TASKS, get_task, register_task
+from ..registry import get_task, register_task
 from .arc import extract_choice, load_arc
 from .gsm8k import extract_number, load_gsm8k
 from .knowledge import load_qa
@@ -56,12 +56,14 @@ def load_task(spec: str, *, register: bool = False, **kwargs) -> Task:
         return task
     if source:
         raise ValueError(f"unknown real data set {name!r} in {spec!r}; known: {sorted(LOADERS)}")
-    if name in _TASKS:
-        if kwargs:
-            raise ValueError(f"options {sorted(kwargs)} only apply to real data sets, not to the organism task {name!r}")
-        return get_task(name)
-    raise ValueError(f"unknown task {spec!r}: not an organism task ({sorted(_TASKS)}) nor NAME:SOURCE with NAME "
-                     f"in {sorted(LOADERS)}")
+    try:
+        task = get_task(name)
+    except KeyError as err:
+        raise ValueError(f"unknown task {spec!r}: not a registered task ({err.args[0].split('known: ')[-1]}) nor "
+                         f"NAME:SOURCE with NAME in {sorted(LOADERS)}") from None
+    if kwargs:
+        raise ValueError(f"options {sorted(kwargs)} only apply to real data sets, not to the task {name!r}")
+    return task
 
 
 __all__ = [

@@ -1,14 +1,16 @@
 """Shared logic of the real-data loaders: reading rows through `datasets`, and the `RealTask` wrapper.
 
 A source is a local file (.json/.jsonl/.parquet/.arrow/.csv: one split, named by `single_split`), a local
-directory (a `save_to_disk` dataset, or data files whose names say their split, e.g. `train.jsonl`,
-`test-00000-of-00001.parquet`; a subdirectory named after the config, e.g. `main/` or `ARC-Easy/`, is used
-when present), a mapping {split: file}, or a hub name (needs network; never used by the tests).
+directory (a `save_to_disk` dataset, or data files whose names start with their split, e.g. `train.jsonl`,
+`test-00000-of-00001.parquet`, `prompt.jsonl`, as in a hub snapshot; a subdirectory named after the config,
+e.g. `main/` or `ARC-Easy/`, is used when present), a mapping {split: file}, or a hub name (needs network; never
+used by the tests).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -29,17 +31,36 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).suffix.lower() in BUILDERS or "\\" in source
 
 
+def _split_files(directory: Path) -> dict[str, list[str]]:
+    """Data files directly in `directory`, grouped by split = the file name up to the first '-' or '.'
+    ('train.jsonl', 'test-00000-of-00001.parquet', 'prompt.jsonl' -> 'train', 'test', 'prompt')."""
+    files: dict[str, list[str]] = {}
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.suffix.lower() in BUILDERS and not f.name.startswith("."):
+            files.setdefault(re.split(r"[-.]", f.name, maxsplit=1)[0], []).append(str(f))
+    return files
+
+
+def _load_files(files: dict[str, list[str]]) -> dict:
+    """Each split loaded on its own (so an all-empty column in one split cannot clash with another's type)."""
+    import datasets
+
+    out = {}
+    for split, paths in files.items():
+        builders = {_builder(f) for f in paths}
+        if len(builders) != 1:
+            raise ValueError(f"split {split!r}: data files of mixed formats {sorted(builders)}")
+        out[split] = datasets.load_dataset(builders.pop(), data_files={split: paths}, split=split)
+    return out
+
+
 def load_rows(source: str | Path | Mapping[str, str], config: str | None = None,
               single_split: str = "test") -> dict[str, list[dict]]:
     """All rows of `source`, per source split name (e.g. 'train', 'validation', 'test'), as plain dicts."""
     import datasets
 
     if isinstance(source, Mapping):
-        files = {k: str(Path(v).expanduser()) for k, v in source.items()}
-        builders = {_builder(f) for f in files.values()}
-        if len(builders) != 1:
-            raise ValueError(f"all files of one data set must share a format, got {sorted(builders)}")
-        loaded = datasets.load_dataset(builders.pop(), data_files=files)
+        loaded = _load_files({k: [str(Path(v).expanduser())] for k, v in source.items()})
     else:
         path = Path(str(source)).expanduser()
         if path.is_file():
@@ -47,8 +68,11 @@ def load_rows(source: str | Path | Mapping[str, str], config: str | None = None,
         elif path.is_dir():
             if config and (path / config).is_dir():
                 path = path / config
+            files = _split_files(path)
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 loaded = datasets.load_from_disk(str(path))
+            elif files:
+                loaded = _load_files(files)
             else:
                 loaded = datasets.load_dataset(str(path))
         elif _looks_local(str(source)):
