@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from spectral_peft.merging import applied_deltas
 from spectral_peft.evaluation.mergefail import (
-    MERGEFAIL_SEEDS, MergeFailResult, applied_deltas, mergefail, plot_mergefail, sample_instances, summarize,
+    MERGEFAIL_SEEDS, MergeFailResult, mergefail, plot_mergefail, sample_instances, summarize,
 )
 
 TASKS = ("a", "b", "c", "d")

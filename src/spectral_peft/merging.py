@@ -11,9 +11,10 @@ base, ``sum`` adds the principal gains ``phi`` and the residual channels, since 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -108,14 +109,36 @@ def merge_deltas(
 
 
 @torch.no_grad()
-def apply_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], inplace: bool = False) -> nn.Module:
-    """``W <- W + dW`` for every named module (on a copy unless ``inplace``)."""
-    target = model if inplace else copy.deepcopy(model)
-    modules = dict(target.named_modules())
+def _add_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    missing = [n for n in deltas if n not in modules or not hasattr(modules[n], "weight")]
+    if missing:
+        raise ValueError(f"modules {missing} are not weight-carrying modules of the model")
     for name, dW in deltas.items():
         W = modules[name].weight
         W.copy_((W.float() + dW.to(W.device)).to(W.dtype))
+
+
+def apply_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], inplace: bool = False) -> nn.Module:
+    """``W <- W + dW`` for every named module (on a copy unless ``inplace``)."""
+    target = model if inplace else copy.deepcopy(model)
+    _add_deltas(target, deltas)
     return target
+
+
+@contextlib.contextmanager
+def applied_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Inside the block ``W <- W + dW`` in place; afterwards ``W`` is restored bit-exactly from a saved copy of the
+    touched weights (no subtraction, so no rounding error), also when the block raises."""
+    modules = dict(model.named_modules())
+    saved = {n: modules[n].weight.detach().clone() for n in deltas if n in modules and hasattr(modules[n], "weight")}
+    try:
+        _add_deltas(model, deltas)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, W0 in saved.items():
+                modules[name].weight.copy_(W0)
 
 
 def merge_adapters(

@@ -18,10 +18,9 @@ uses weight 1 per adapter; the bootstrap resamples the pooled instances, not str
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..merging import MERGE_OPERATORS, merge_deltas
+from ..merging import MERGE_OPERATORS, applied_deltas, merge_deltas
 from .stats import CI, joint_bootstrap
 
 MERGEFAIL_SEEDS = (42, 100, 2024)
@@ -51,27 +50,6 @@ def sample_instances(tasks: Sequence[str], t: int, n: int, seed: int) -> list[tu
         raise ValueError(f"the number of instances must be >= 1, got {n}")
     rng = np.random.default_rng([seed, t])
     return [tuple(names[i] for i in sorted(rng.choice(len(names), size=t, replace=False))) for _ in range(n)]
-
-
-@contextlib.contextmanager
-def applied_deltas(model: nn.Module, deltas: Deltas) -> Iterator[nn.Module]:
-    """Inside the block ``W <- W + dW`` in place (as ``merging.apply_deltas``); afterwards ``W`` is restored bit-exactly
-    from a saved copy of the touched weights (no subtraction, so no rounding error)."""
-    modules = dict(model.named_modules())
-    missing = [n for n in deltas if n not in modules or not hasattr(modules[n], "weight")]
-    if missing:
-        raise ValueError(f"modules {missing} are not weight-carrying modules of the model")
-    saved = {n: modules[n].weight.detach().clone() for n in deltas}
-    try:
-        with torch.no_grad():
-            for name, dW in deltas.items():
-                W = modules[name].weight
-                W.copy_((W.float() + dW.to(W.device)).to(W.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, W0 in saved.items():
-                modules[name].weight.copy_(W0)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from .mergefail import applied_deltas
+from ..merging import applied_deltas
 
 PERTURBATIONS = ("flip", "noise", "zero")
 
