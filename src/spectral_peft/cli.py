@@ -112,8 +112,11 @@ def inject_cmd(
         res = inject(cfg, out)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         _fail(e)
+    from .report import fmt
+
     m = res["injected"]
-    typer.echo(f"{method}: recall {m['recall']:.3f}, skill retention {m['mean_skill_retention']:.3f}; report {out}/report.md")
+    typer.echo(f"{method}: recall {fmt(m['recall'])}%, skill retention {fmt(m['mean_skill_retention'])}%; "
+               f"report {out}/report.md")
 
 
 @app.command("eval")
