@@ -176,3 +176,20 @@ def test_tiny_demo_writes_report_and_is_deterministic(checkpoint, tmp_path):
     assert "![recall vs retention](figures/tradeoff.png)" in report
     svf = a.metrics["svf"]
     assert svf["n_z"] == 3 * 32 and svf["parameter_overhead"] == pytest.approx(96 / svf["n_base_parameters"])
+
+
+def test_tiny_study_resumes_and_summarises(checkpoint, tmp_path):
+    from spectral_peft.experiments.palora_study import StudyConfig, run_study
+    from spectral_peft.report import study_markdown
+
+    cfg = StudyConfig(model=checkpoint, seeds=(0, 1), methods=("lora", "palora-random"), threads=1, progress=False)
+    base = tiny_demo(checkpoint)
+    cfg.svf, cfg.split, cfg.training, cfg.eval, cfg.adapter = base.svf, base.split, base.training, base.eval, base.adapter
+    s = run_study(cfg, tmp_path)
+    assert (tmp_path / "seeds" / "1" / "palora-random.json").exists() and (tmp_path / "figures" / "tradeoff.png").exists()
+    e = s["models"]["lora"]
+    assert e["n_seeds"] == 2 and len(e["recall"]["values"]) == 2 and e["recall"]["low"] <= e["recall"]["mean"]
+    before = (tmp_path / "seeds" / "0" / "lora.json").stat().st_mtime_ns
+    run_study(cfg, tmp_path)  # resumes: nothing is retrained
+    assert (tmp_path / "seeds" / "0" / "lora.json").stat().st_mtime_ns == before
+    assert "| palora-random |" in study_markdown(s, tmp_path)

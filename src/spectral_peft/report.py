@@ -284,3 +284,45 @@ def demo_report(m: dict[str, Any], table_md: str, cfg: Any) -> str:
         "![SVF training](figures/svf_training.png)", "",
     ]
     return "\n".join(lines)
+
+
+def _ci(e: Any) -> str:
+    if not e:
+        return "–"
+    if e.get("low") is None:
+        return f"{100 * e['mean']:.1f}"
+    return f"{100 * e['mean']:.1f} [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
+
+
+def study_figures(summary: dict[str, Any], fig_dir: str | Path) -> list[Path]:
+    """The recall / retention trade-off with 95% intervals over seeds."""
+    points = []
+    for name, e in summary["models"].items():
+        if name == "base" or not e.get("recall") or not e.get("mean_skill_retention"):
+            continue
+        r, t = e["recall"], e["mean_skill_retention"]
+        points.append({"method": name, "recall": r["mean"], "retention": t["mean"],
+                       "recall_ci": (r["low"], r["high"]) if r["low"] is not None else None,
+                       "retention_ci": (t["low"], t["high"]) if t["low"] is not None else None})
+    n = max(e["n_seeds"] for e in summary["models"].values())
+    return [plot_tradeoff(points, Path(fig_dir) / "tradeoff.png",
+                          title=f"recall vs skill retention, mean and 95% CI over {n} seeds")]
+
+
+def study_markdown(summary: dict[str, Any], run_dir: str | Path) -> str:
+    """The results table (mean [95% CI] over seeds) of a PALoRA study."""
+    cols = [("method", "method"), ("trainable", "trainable params"), ("recall", "recall %"),
+            ("paraphrase_recall", "paraphrase recall %"), ("highly_known_retention", "HighlyKnown retention %"),
+            ("mean_skill_retention", "skill retention %"), ("skills", "per-skill retention %"),
+            ("perplexity_increase", "perplexity increase")]
+    rows = []
+    for name, e in summary["models"].items():
+        skills = [k[10:] for k in e if k.startswith("retention:")]
+        ppl = e.get("perplexity_increase")
+        rows.append({"method": name, "trainable": f"{e['trainable_parameters']:,}" if e.get("trainable_parameters") is not None else "–",
+                     **{k: _ci(e.get(k)) for k in ("recall", "paraphrase_recall", "highly_known_retention",
+                                                   "mean_skill_retention")},
+                     "skills": " / ".join(f"{s} {100 * e['retention:' + s]['mean']:.0f}" for s in skills
+                                          if e.get("retention:" + s)),
+                     "perplexity_increase": f"{ppl['mean']:+.4f}" if ppl else "–"})
+    return table(rows, cols)
