@@ -28,8 +28,8 @@ class InjectTrainConfig:
     """The injection schedule: ``epochs`` over the facts at ``lr`` (linear decay), batches of ``batch_size``;
     ``paraphrases`` question templates per trained fact."""
 
-    epochs: int = 10
-    lr: float = 1e-3
+    epochs: int = 20
+    lr: float = 3e-3
     batch_size: int = 8
     paraphrases: int = 1
     progress: bool = True
