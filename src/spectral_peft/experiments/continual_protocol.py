@@ -30,16 +30,16 @@ from .finetune import (PROTOCOL_METHODS, AdapterSpec, TrainSettings, budget_tabl
 @dataclass
 class ContinualConfig:
     """``spectral-peft continual``: ``methods`` (specs), ``tasks`` in order (at least 2; 4 by default), ``seeds``.
-    ``quick``: 1 seed, 96 training pairs per task, 1 epoch, 24 evaluation examples."""
+    ``quick``: LoRA and HiP-LoRA, 1 seed, :meth:`TrainSettings.quick` sizes."""
 
     methods: str = "lora,hiplora,hiplora:mode=penalty"
-    tasks: tuple[str, ...] = ("reverse", "sort", "count", "max")
+    tasks: tuple[str, ...] = ("count", "max", "reverse@3", "sort")
     model: str | None = None
     r: int = 8
     k: int = 16
-    targets: str = "mlp"
+    targets: str = "all-linear"
     seeds: tuple[int, ...] = (0, 1)
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(n_train=512, n_eval=64, epochs=2))
+    train: TrainSettings = field(default_factory=TrainSettings)
     match_budget: bool = True
     threads: int | None = 1
     quick: bool = False
@@ -48,8 +48,8 @@ class ContinualConfig:
     def resolved(self) -> "ContinualConfig":
         if not self.quick:
             return self
-        return replace(self, seeds=self.seeds[:1], train=replace(self.train, n_train=min(self.train.n_train, 96),
-                                                                 n_eval=min(self.train.n_eval, 24), epochs=1))
+        methods = self.methods if self.methods != "lora,hiplora,hiplora:mode=penalty" else "lora,hiplora"
+        return replace(self, methods=methods, seeds=self.seeds[:1], train=self.train.quick())
 
 
 @dataclass

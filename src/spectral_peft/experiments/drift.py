@@ -43,13 +43,13 @@ class DriftConfig:
 
     methods: str = DEFAULT_DRIFT_METHODS
     reference: str | None = None
-    task: str = "sort"
+    task: str = "max"
     model: str | None = None
     r: int = 8
     k: int = 16
-    targets: str = "mlp"
+    targets: str = "all-linear"
     seeds: tuple[int, ...] = (0, 1, 2)
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(n_train=512, n_eval=64, epochs=2))
+    train: TrainSettings = field(default_factory=TrainSettings)
     n_ppl: int = 100
     n_skill: int = 64
     n_facts: int = 100
@@ -66,8 +66,7 @@ class DriftConfig:
         return replace(self, methods=self.methods if self.methods != DEFAULT_DRIFT_METHODS else "lora,hiplora,hiplora:mode=penalty",
                        seeds=self.seeds[:1], n_ppl=min(self.n_ppl, 32), n_skill=min(self.n_skill, 16),
                        n_facts=min(self.n_facts, 40),
-                       train=replace(self.train, n_train=min(self.train.n_train, 128), n_eval=min(self.train.n_eval, 32),
-                                     epochs=1))
+                       train=self.train.quick())
 
 
 @dataclass

@@ -40,13 +40,13 @@ class EditingConfig:
     model: str | None = None
     r: int = 8
     k: int = 16
-    targets: str = "mlp"
+    targets: str = "all-linear"
     n_edits: int = 50
     n_local: int = 200
     n_skill: int = 48
     skill_max_new_tokens: int = 96
     seeds: tuple[int, ...] = (0, 1)
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=15, lr=2e-3, batch_size=8))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=15, lr=5e-3, batch_size=8))
     match_budget: bool = True
     threads: int | None = 1
     quick: bool = False
@@ -55,7 +55,8 @@ class EditingConfig:
     def resolved(self) -> "EditingConfig":
         if not self.quick:
             return self
-        return replace(self, n_edits=min(self.n_edits, 16), n_local=min(self.n_local, 40),
+        methods = self.methods if self.methods != "lora,hiplora,hiplora:mode=penalty" else "lora,hiplora"
+        return replace(self, methods=methods, n_edits=min(self.n_edits, 16), n_local=min(self.n_local, 40),
                        n_skill=min(self.n_skill, 12), seeds=self.seeds[:1], train=replace(self.train, epochs=min(self.train.epochs, 10)))
 
 

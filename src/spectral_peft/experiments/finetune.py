@@ -224,13 +224,37 @@ class JsonlTask:
         return " ".join(output.split()) == " ".join(example.answer.split())
 
 
+@dataclass
+class FixedDifficulty:
+    """An organism task restricted to one difficulty level (spelled ``name@level``, e.g. ``reverse@3``)."""
+
+    task: Any
+    level: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.name}@{self.level}"
+
+    def examples(self, split: str, n: int | None = None, seed: int = 0, difficulty: int | None = None) -> list[Example]:
+        return self.task.examples(split, n=n, seed=seed, difficulty=self.level)
+
+    def check(self, output: str, example: Example) -> bool:
+        return self.task.check(output, example)
+
+
 def resolve_task(task: str):
-    """An organism task by name, or a :class:`JsonlTask` for a path ending in ``.jsonl``."""
+    """An organism task by name (``name@level`` fixes its difficulty), or a :class:`JsonlTask` for a JSONL path."""
     if task.endswith(".jsonl") or Path(task).is_file():
         if not Path(task).is_file():
             raise FileNotFoundError(f"data file {task} does not exist")
         return JsonlTask.load(task)
-    return get_task(task)
+    name, at, level = task.partition("@")
+    if not at:
+        return get_task(task)
+    try:
+        return FixedDifficulty(get_task(name), int(level))
+    except ValueError:
+        raise ValueError(f"bad difficulty {level!r} in task {task!r} (use name@<integer>)") from None
 
 
 @dataclass
@@ -239,10 +263,14 @@ class TrainSettings:
 
     n_train: int = 512
     n_eval: int = 64
-    epochs: int = 2
-    lr: float = 2e-3
+    epochs: int = 3
+    lr: float = 5e-3
     batch_size: int = 16
     max_new_tokens: int = 24
+
+    def quick(self) -> "TrainSettings":
+        """The --quick sizes: at most 256 training pairs, 2 epochs, 32 evaluation examples."""
+        return replace(self, n_train=min(self.n_train, 256), n_eval=min(self.n_eval, 32), epochs=min(self.epochs, 2))
 
 
 def task_pairs(task, n: int) -> list[tuple[str, str]]:
@@ -382,7 +410,7 @@ class FinetuneConfig:
     """``spectral-peft finetune``: one method (spec) on one task (organism name or JSONL path).
 
     ``r``, ``k``, ``budget_*``: defaults for the spec. ``match_budget``: a non-HiP method without an explicit ``r``
-    gets the rank matching HiP-LoRA(r, k). ``quick``: 128 training pairs, 32 evaluation examples, 1 epoch.
+    gets the rank matching HiP-LoRA(r, k). ``quick``: :meth:`TrainSettings.quick`.
     """
 
     method: str = "hiplora"
@@ -391,7 +419,7 @@ class FinetuneConfig:
     r: int = 8
     k: int = 16
     lora_alpha: float = 16.0
-    targets: str = "mlp"
+    targets: str = "all-linear"
     budget_mode: str = "constraint"
     budget_rho: float = 0.1
     budget_lambda: float = 0.1
@@ -410,7 +438,7 @@ class FinetuneConfig:
 
     def settings(self) -> TrainSettings:
         if self.quick:
-            return replace(self.train, n_train=min(self.train.n_train, 128), n_eval=min(self.train.n_eval, 32), epochs=1)
+            return self.train.quick()
         return self.train
 
 

@@ -28,26 +28,27 @@ from .finetune import (PROTOCOL_METHODS, AdapterSpec, TrainSettings, budget_tabl
                        fmt_ci, match_budgets, md_table, parse_specs, plot_budget_use, resolve_task, save_figure,
                        score_flags, task_pairs, train_adapter)
 
-DEFAULT_MERGE_TASKS = ("reverse", "sort", "count", "caesar", "max", "acronym")
+DEFAULT_MERGE_METHODS = "lora,hiplora,hiplora:mode=penalty"
+DEFAULT_MERGE_TASKS = ("count", "max", "reverse@3", "sort")
 
 
 @dataclass
 class MergeFailConfig:
     """``spectral-peft mergefail``: ``methods`` (specs), ``tasks`` (T >= 2), ``seeds``, ``n_merge`` instances per seed
-    and size, ``tau``, ``operators``, TIES ``density``. ``quick``: 3 tasks, seed 42 only, 5 instances, small data."""
+    and size, ``tau``, ``operators``, TIES ``density``. ``quick``: 3 tasks, LoRA and HiP-LoRA, seed 42 only, 5 instances, small data."""
 
-    methods: str = "lora,hiplora,hiplora:mode=penalty"
+    methods: str = DEFAULT_MERGE_METHODS
     tasks: tuple[str, ...] = DEFAULT_MERGE_TASKS
     model: str | None = None
     r: int = 8
     k: int = 16
-    targets: str = "mlp"
+    targets: str = "all-linear"
     seeds: tuple[int, ...] = MERGEFAIL_SEEDS
     n_merge: int = 20
     tau: float = 0.9
     operators: tuple[str, ...] = MERGE_OPERATORS
     density: float = 0.2
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(n_train=512, n_eval=64, epochs=2))
+    train: TrainSettings = field(default_factory=TrainSettings)
     match_budget: bool = True
     threads: int | None = 1
     quick: bool = False
@@ -56,10 +57,10 @@ class MergeFailConfig:
     def resolved(self) -> "MergeFailConfig":
         if not self.quick:
             return self
-        tasks = self.tasks if self.tasks != DEFAULT_MERGE_TASKS else ("reverse", "sort", "max")
-        return replace(self, tasks=tasks, seeds=self.seeds[:1], n_merge=min(self.n_merge, 5),
-                       train=replace(self.train, n_train=min(self.train.n_train, 128),
-                                     n_eval=min(self.train.n_eval, 32), epochs=1))
+        tasks = self.tasks if self.tasks != DEFAULT_MERGE_TASKS else ("count", "max", "reverse@3")
+        methods = self.methods if self.methods != DEFAULT_MERGE_METHODS else "lora,hiplora"
+        return replace(self, tasks=tasks, methods=methods, seeds=self.seeds[:1], n_merge=min(self.n_merge, 5),
+                       train=self.train.quick())
 
 
 @dataclass
