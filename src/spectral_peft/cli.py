@@ -209,8 +209,8 @@ def _names(text: str) -> tuple[str, ...]:
 @app.command("finetune")
 def finetune_cmd(
     method: str = typer.Option("hiplora", help="Method spec, e.g. hiplora, hiplora:mode=penalty, lora, oplora."),
-    task: str = typer.Option("sort", help="Organism task name (e.g. sort, reverse, math) or a JSONL file with "
-                                          "prompt/response rows."),
+    task: str = typer.Option("max", help="Organism task name (e.g. max, sort, reverse@3, math) or a JSONL file "
+                                         "with prompt/response rows."),
     out: str = typer.Option(None, help="Run directory (default: runs/finetune-<method>)."),
     model: str = typer.Option(None, help=MODEL_HELP),
     r: int = typer.Option(8, help="LoRA rank (HiP-LoRA's residual rank)."),
@@ -218,12 +218,12 @@ def finetune_cmd(
     budget_mode: str = typer.Option("constraint", help="HiP-LoRA budget mode: constraint, penalty or none."),
     budget_rho: float = typer.Option(0.1, help="HiP-LoRA relative budget rho (eps = rho^2 sum w sigma^2)."),
     budget_lambda: float = typer.Option(0.1, help="HiP-LoRA penalty strength (penalty mode)."),
-    targets: str = typer.Option("mlp", help="mlp or all-linear."),
+    targets: str = typer.Option("all-linear", help="mlp or all-linear."),
     match_budget: bool = typer.Option(True, help="Non-HiP methods get the rank matching HiP-LoRA(r, k)'s count."),
-    n_train: int = typer.Option(None, help="Training pairs (default 512; quick 128)."),
+    n_train: int = typer.Option(None, help="Training pairs (default 512; quick 256)."),
     n_eval: int = typer.Option(None, help="Evaluation examples (default 64; quick 32)."),
-    epochs: int = typer.Option(None, help="Epochs (default 2; quick 1)."),
-    lr: float = typer.Option(None, help="Learning rate (default 2e-3)."),
+    epochs: int = typer.Option(None, help="Epochs (default 3; quick 2)."),
+    lr: float = typer.Option(None, help="Learning rate (default 5e-3)."),
     batch_size: int = typer.Option(None, help="Batch size (default 16)."),
     seed: int = typer.Option(0, help="Seed."),
     threads: int = typer.Option(1, help="Torch CPU threads."),
@@ -283,7 +283,7 @@ def merge_cmd(
 def drift_cmd(
     methods: str = typer.Option("lora,hiplora:rho=0.02,hiplora,hiplora:rho=0.5,hiplora:mode=penalty,oplora",
                                 help=METHODS_HELP + " The first is the reference."),
-    task: str = typer.Option("sort", help="Fine-tuning task (organism name or JSONL file)."),
+    task: str = typer.Option("max", help="Fine-tuning task (organism name, name@difficulty, or JSONL file)."),
     out: str = typer.Option("runs/drift", help="Run directory."),
     model: str = typer.Option(None, help=MODEL_HELP),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
@@ -318,7 +318,8 @@ def drift_cmd(
 @app.command("mergefail")
 def mergefail_cmd(
     methods: str = typer.Option("lora,hiplora,hiplora:mode=penalty", help=METHODS_HELP),
-    tasks: str = typer.Option("reverse,sort,count,caesar,max,acronym", help="Comma-separated tasks (T >= 2)."),
+    tasks: str = typer.Option("count,max,reverse@3,sort", help="Comma-separated tasks (T >= 2); name@d fixes the "
+                                                                 "difficulty."),
     out: str = typer.Option("runs/mergefail", help="Run directory."),
     model: str = typer.Option(None, help=MODEL_HELP),
     seeds: str = typer.Option("42,100,2024", help="Comma-separated seeds."),
@@ -352,7 +353,7 @@ def mergefail_cmd(
 @app.command("continual")
 def continual_cmd(
     methods: str = typer.Option("lora,hiplora,hiplora:mode=penalty", help=METHODS_HELP),
-    tasks: str = typer.Option("reverse,sort,count,max", help="Comma-separated tasks, in training order."),
+    tasks: str = typer.Option("count,max,reverse@3,sort", help="Comma-separated tasks, in training order."),
     out: str = typer.Option("runs/continual", help="Run directory."),
     model: str = typer.Option(None, help=MODEL_HELP),
     seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
