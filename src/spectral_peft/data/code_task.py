@@ -53,4 +53,4 @@ def make_code(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target_text, answer=str(env[shown]), task="code", difficulty=difficulty)
 
 
-CODE = GeneratedTask("code", make_code, difficulties=(3, 4), pretrain_difficulties=(2, 3, 4, 5))
+CODE = GeneratedTask("code", make_code, difficulties=(2, 3, 4), pretrain_difficulties=(2, 3, 4, 5))
