@@ -345,3 +345,22 @@ def test_svf_auto_mode_recomposes_only_for_large_batches():
         with torch.no_grad():
             expected = layer.base_layer(x) + layer.delta(x)
             assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_corda_through_peft_with_calibration(input_ids):
+    import itertools
+
+    from spectral_peft.data import documents
+    from spectral_peft.experiments.inject import calibration_runner
+    from spectral_peft.organism import build_tokenizer, tiny_random_model
+
+    tokenizer = build_tokenizer(itertools.islice(documents(seed=1), 200), vocab_size=300)
+    model = tiny_random_model(tokenizer, hidden_size=32, intermediate_size=48, num_layers=1).eval()
+    ids = tokenizer("Math: Start with 3. Add 4.\nSolution:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+    run = calibration_runner(tokenizer, "math", n=8)
+    wrapped = get_peft_model(model, method_config("corda", r=4), calibration=lambda: run(model))
+    with torch.no_grad():
+        assert torch.allclose(wrapped(input_ids=ids).logits, ref, atol=1e-4)  # CorDA keeps W_res + BA = W
+    assert wrapped.get_nb_trainable_parameters()[0] > 0

@@ -32,10 +32,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` of the model except the output head ("all-linear")."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the ``nn.Linear`` modules ``config`` adapts; raise if a listed target matches nothing."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    linear = linear_names(model)
 
     def matches(name: str, suffix: str) -> bool:
         return name == suffix or name.endswith("." + suffix)
@@ -228,6 +233,8 @@ def get_peft_model(
                 raise ValueError("CorDA needs calibration data: pass calibration=<callable running the model>")
             from peft.tuners.lora.corda import preprocess_corda
 
+            if config.target_modules == "all-linear":  # preprocess_corda does not expand it itself
+                config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
             preprocess_corda(model, config, run_model=calibration)
         return peft.get_peft_model(model, config)
     if not isinstance(config, AdapterConfig):

@@ -84,8 +84,9 @@ def prepare(source: ModelSource, probe: Probe, split_cfg: SplitConfig, eval_cfg:
     return Prepared(source, probe, world, split, expert_metrics, base_metrics)
 
 
-def calibration_runner(tokenizer, skill: str, n: int = 64, batch_size: int = 16):
-    """CorDA's calibration: run the model on ``n`` training problems of the skill to preserve."""
+def calibration_runner(tokenizer, skill: str, n: int = 64):
+    """CorDA's calibration: run the model on ``n`` training problems of the skill to preserve, one at a time
+    (PEFT's covariance hook squeezes the batch dimension, so it takes batches of one, and no padding)."""
     import torch
 
     examples = get_task(skill).examples("train", n=n, seed=12345)
@@ -93,9 +94,8 @@ def calibration_runner(tokenizer, skill: str, n: int = 64, batch_size: int = 16)
 
     @torch.no_grad()
     def run(model) -> None:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True)
-            model(**enc)
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
 
     return run
 
