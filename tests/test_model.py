@@ -178,3 +178,25 @@ def test_trainer_projects_budget_and_logs_use(tmp_path, input_ids):
     assert len(uses) == 6 and max(uses) <= 1 + 1e-6 and max(uses) > 0.5
     logged = [log["budget_use"] for log in trainer.state.log_history if "budget_use" in log]
     assert len(logged) >= 6
+
+
+def test_export_command_writes_peft_lora(input_ids, tmp_path):
+    from typer.testing import CliRunner
+
+    from spectral_peft.cli import app
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
+                            eos_token="a").save_pretrained(tmp_path / "base")
+    wrapped = trained("oplora", input_ids)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "adapter"), str(tmp_path / "lora"),
+                                      "--model", str(tmp_path / "base")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and set(config["rank_pattern"].values()) == {8}
+    bad = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "x")])
+    assert bad.exit_code == 2 and not (tmp_path / "x").exists()

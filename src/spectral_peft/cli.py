@@ -44,6 +44,26 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+@app.command("export")
+def export_cmd(
+    adapter: str = typer.Argument(..., help="A spectral-peft adapter directory."),
+    out: str = typer.Argument(..., help="Where to write the standard PEFT LoRA directory."),
+    model: str = typer.Option(None, help=MODEL_HELP + " Must hold the weights the adapter was trained on."),
+    max_rank: int = typer.Option(None, help="Truncate each update to this rank (the error is reported)."),
+) -> None:
+    """Export an adapter as a standard PEFT LoRA that vanilla `peft` loads (exact unless --max-rank truncates)."""
+    from .experiments.common import load_model
+    from .export import export_lora
+    from .model import load_adapter
+
+    try:
+        base, _ = load_model(model)
+        errors = export_lora(load_adapter(base, adapter, progress=False), out, max_rank=max_rank)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"wrote {out}: {len(errors)} modules, largest relative error {max(errors.values()):.2e}")
+
+
 @app.command("svf")
 def svf_cmd(
     skill: str = typer.Option("math", help="Skill to train the expert on (math, code, science)."),
