@@ -29,4 +29,4 @@ def make_math(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target, answer=str(value), task="math", difficulty=difficulty)
 
 
-MATH = GeneratedTask("math", make_math, difficulties=(2, 3, 4), pretrain_difficulties=(1, 2, 3, 4, 5))
+MATH = GeneratedTask("math", make_math, difficulties=(4, 5, 6), pretrain_difficulties=(1, 2, 3, 4, 5))

@@ -30,7 +30,7 @@ def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_ca
     out["skills_first100"] = {s: sum(r.correct[:100]) / len(r.correct[:100]) for s, r in results.items()}
     out["skills_by_difficulty"] = {
         s: {d: skill_accuracy(model, tokenizer, s, get_task(s).examples("test", n=50, difficulty=d), progress=progress).accuracy
-            for d in get_task(s).pretrain_difficulties} for s in SKILLS}
+            for d in sorted({*get_task(s).pretrain_difficulties, *get_task(s).difficulties})} for s in SKILLS}
     out["instruction_tasks"] = {t: skill_accuracy(model, tokenizer, t, n=n_instruction, progress=progress).accuracy
                                 for t in INSTRUCTION_TASKS}
     out["known_recall"] = recall(model, tokenizer, world.known_facts, progress=progress).accuracy
