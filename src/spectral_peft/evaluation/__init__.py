@@ -5,8 +5,19 @@ from .knowledge import Category, CategoryResult, RecallResult, categorize, knowl
 from .matching import alias_match, extract_answer, normalize
 from .perplexity import PerplexityResult, perplexity
 from .skills import SkillResult, skill_accuracy
+from .continual import ContinualResult, backward_transfer, final_average_accuracy, forgetting, run_continual
+from .editing import EditingResult, evaluate_editing
+from .interference import Degradation, Interference, interference_table, pretraining_degradation, spectral_interference
+from .mergefail import MERGEFAIL_SEEDS, MergeFailResult, mergefail, sample_instances
+from .mergefail import summarize as summarize_mergefail
+from .sanity import SanityResult, spectral_sanity
+from .stats import CI, bootstrap_ci, paired_difference_ci, seed_ci
 
 __all__ = [
+    "CI", "ContinualResult", "Degradation", "EditingResult", "Interference", "MERGEFAIL_SEEDS", "MergeFailResult",
+    "SanityResult", "backward_transfer", "bootstrap_ci", "evaluate_editing", "final_average_accuracy", "forgetting",
+    "interference_table", "mergefail", "paired_difference_ci", "pretraining_degradation", "run_continual",
+    "sample_instances", "seed_ci", "spectral_interference", "spectral_sanity", "summarize_mergefail",
     "Category", "CategoryResult", "PerplexityResult", "RecallResult", "SkillResult",
     "alias_match", "categorize", "extract_answer", "generate", "knowledge_categories", "normalize",
     "paraphrase_recall", "perplexity", "recall", "skill_accuracy",
