@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..spectral import SVD
-from .base import AdapterConfig, SpectralLayer, check_rank
-from .projected_lora import ProjectedLoRA, lora_scaling
+from .base import SpectralLayer
+from .projected_lora import ProjectedLoRA, TopKLowRankConfig
 
 BUDGET_MODES = ("constraint", "penalty", "none")
 
@@ -56,7 +56,7 @@ def weighted_ball_projection(phi: torch.Tensor, w: torch.Tensor, eps: torch.Tens
 
 
 @dataclass
-class HiPLoRAConfig(AdapterConfig):
+class HiPLoRAConfig(TopKLowRankConfig):
     """HiP-LoRA.
 
     ``r``, ``lora_alpha``, ``use_rslora``: the residual LoRA. ``k``: size of the principal channel.
@@ -66,22 +66,14 @@ class HiPLoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "hiplora"
 
-    r: int = 8
-    lora_alpha: float = 16.0
-    use_rslora: bool = False
-    k: int = 16
     budget_mode: str = "constraint"
     budget_power: float = 1.0
     budget_lambda: float = 0.1
     budget_eps: float | None = None
     budget_rho: float = 0.1
-    svd_method: str = "exact"
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        super().validate()
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
         if self.budget_eps is not None and self.budget_eps < 0:
@@ -90,20 +82,10 @@ class HiPLoRAConfig(AdapterConfig):
             raise ValueError(f"budget_rho must be >= 0, got {self.budget_rho}")
         if self.budget_lambda < 0:
             raise ValueError(f"budget_lambda must be >= 0, got {self.budget_lambda}")
-        if self.svd_method not in ("exact", "randomized"):
-            raise ValueError(f"svd_method must be 'exact' or 'randomized', got {self.svd_method!r}")
-
-    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
-        check_rank(self.r, shape)
-        if self.k + self.r > min(shape):
-            raise ValueError(f"{name}: k + r = {self.k + self.r} exceeds min(m, n) = {min(shape)}")
-
-    def svd_rank(self, shape: tuple[int, int]) -> int:
-        return self.k
 
     def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "HiPLoRALayer":
         shape = tuple(base_layer.weight.shape)
-        lora = ProjectedLoRA(shape, self.r, lora_scaling(self.r, self.lora_alpha, self.use_rslora), svd.U, svd.V)
+        lora = ProjectedLoRA(shape, self.r, self.scaling, svd.U, svd.V)
         w = budget_weights(svd.S.float(), self.budget_power)
         eps = self.budget_eps if self.budget_eps is not None else float(self.budget_rho**2 * (w * svd.S**2).sum())
         return HiPLoRALayer(base_layer, svd, lora, w, eps)

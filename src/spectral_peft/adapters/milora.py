@@ -16,29 +16,18 @@ import torch
 from torch import nn
 
 from ..spectral import SVD
-from .base import AdapterConfig, SpectralLayer, check_rank
-from .projected_lora import lora_scaling
+from .base import SpectralLayer
+from .projected_lora import LowRankConfig
 
 
 @dataclass
-class MiLoRAConfig(AdapterConfig):
+class MiLoRAConfig(LowRankConfig):
     """``r``: rank (the number of minor triplets); ``lora_alpha``, ``use_rslora``: the LoRA scale."""
 
     method: ClassVar[str] = "milora"
 
-    r: int = 8
-    lora_alpha: float = 16.0
-    use_rslora: bool = False
-
-    def validate(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-
-    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
-        check_rank(self.r, shape)
-
     def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "MiLoRALayer":
-        return MiLoRALayer(base_layer, svd.bottom(self.r), lora_scaling(self.r, self.lora_alpha, self.use_rslora))
+        return MiLoRALayer(base_layer, svd.bottom(self.r), self.scaling)
 
 
 class MiLoRALayer(SpectralLayer):

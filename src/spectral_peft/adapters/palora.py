@@ -23,15 +23,15 @@ from torch import nn
 
 from ..probe import SELECTION_RULES, Probe
 from ..spectral import SVD
-from .base import MLP_MODULES, AdapterConfig, SpectralLayer, check_rank
-from .projected_lora import ProjectedLoRA, ProjectedLoRALayer, lora_scaling
+from .base import MLP_MODULES, SpectralLayer
+from .projected_lora import LowRankConfig, ProjectedLoRA, ProjectedLoRALayer
 
 UNCOVERED = ("unconstrained", "skip")
 EXPERT_MODES = ("fold", "factorised")
 
 
 @dataclass
-class PALoRAConfig(AdapterConfig):
+class PALoRAConfig(LowRankConfig):
     """PALoRA.
 
     ``probe``: a probe directory or :class:`Probe`. ``selection``: ``top_fraction`` (``rho``), ``threshold``
@@ -43,9 +43,6 @@ class PALoRAConfig(AdapterConfig):
     method: ClassVar[str] = "palora"
     default_targets: ClassVar[tuple[str, ...]] = MLP_MODULES
 
-    r: int = 8
-    lora_alpha: float = 16.0
-    use_rslora: bool = False
     probe: Any = None
     selection: str = "top_fraction"
     rho: float = 0.1
@@ -57,8 +54,7 @@ class PALoRAConfig(AdapterConfig):
     expert_mode: str = "fold"
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+        super().validate()
         if self.selection not in (*SELECTION_RULES, "explicit"):
             raise ValueError(f"selection must be one of {(*SELECTION_RULES, 'explicit')}, got {self.selection!r}")
         if self.selection == "explicit" and self.protected_indices is None:
@@ -97,7 +93,7 @@ class PALoRAConfig(AdapterConfig):
         return self.covers(name) or self.uncovered == "unconstrained"
 
     def check_shape(self, name: str, shape: tuple[int, int]) -> None:
-        check_rank(self.r, shape)
+        super().check_shape(name, shape)
         if self.covers(name) and self.probe.scales[name].numel() != min(shape):
             raise ValueError(f"probe for {name!r} has {self.probe.scales[name].numel()} scales, matrix has {min(shape)}")
 
@@ -108,7 +104,7 @@ class PALoRAConfig(AdapterConfig):
 
     def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> SpectralLayer:
         shape = tuple(base_layer.weight.shape)
-        scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        scaling = self.scaling
         if not self.covers(name):
             empty = svd.U[:, :0]
             return ProjectedLoRALayer(base_layer, ProjectedLoRA(shape, self.r, scaling, empty, svd.V[:, :0]))

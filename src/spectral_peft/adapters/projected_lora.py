@@ -9,16 +9,62 @@ uses ``w in [0, 1]`` per direction. The projectors are never materialised:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import SpectralLayer, init_lora_factors
+from .base import AdapterConfig, SpectralLayer, check_rank, init_lora_factors
+
+SVD_METHODS = ("exact", "randomized")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """``s = alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """The LoRA factors' fields: rank ``r``, ``lora_alpha`` and ``use_rslora`` (scale ``s`` as in PEFT)."""
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        check_rank(self.r, shape)
+
+
+@dataclass
+class TopKLowRankConfig(LowRankConfig):
+    """A LoRA beside the top-``k`` singular triplets of ``W`` (exact or randomised SVD); needs ``k + r <= min(m, n)``."""
+
+    k: int = 16
+    svd_method: str = "exact"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        super().check_shape(name, shape)
+        if self.k + self.r > min(shape):
+            raise ValueError(f"{name}: k + r = {self.k + self.r} exceeds min(m, n) = {min(shape)}")
+
+    def svd_rank(self, shape: tuple[int, int]) -> int:
+        return self.k
 
 
 class ProjectedLoRA(nn.Module):
