@@ -364,3 +364,26 @@ def test_corda_through_peft_with_calibration(input_ids):
     with torch.no_grad():
         assert torch.allclose(wrapped(input_ids=ids).logits, ref, atol=1e-4)  # CorDA keeps W_res + BA = W
     assert wrapped.get_nb_trainable_parameters()[0] > 0
+
+
+def test_svft_diagonal_fast_path_equals_dense_core():
+    wrapped = get_peft_model(tiny_model(), method_config("svft", pattern="plain"), progress=False)
+    layer = next(iter(wrapped.spectral_layers().values()))
+    with torch.no_grad():
+        layer.svft_values.normal_()
+    x = torch.randn(3, layer.shape[1])
+    assert layer.diagonal
+    assert torch.allclose(layer.delta(x), ((x @ layer.V) @ layer.core().T) @ layer.U.T, atol=1e-5)
+
+
+def test_palora_factorised_equals_fold(input_ids):
+    probe = make_probe()
+    outs = []
+    for mode in ("fold", "factorised"):
+        torch.manual_seed(0)
+        wrapped = get_peft_model(tiny_model(), method_config("palora", probe=probe, expert_mode=mode), progress=False)
+        with torch.no_grad():
+            for layer in wrapped.spectral_layers().values():
+                layer.lora.lora_B.normal_()
+        outs.append(wrapped(input_ids=input_ids).logits)
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)

@@ -84,8 +84,10 @@ def test_cache_hits_disk_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_module, "svd_topk", lambda *a, **k: calls.append(1))
     second = SVDCache(tmp_path).get(W, k=5)
     assert not calls and torch.equal(first.U, second.U) and torch.equal(first.S, second.S)
-    SVDCache(tmp_path).get(W)  # full SVD is a different entry
+    full = SVDCache(tmp_path).get(W)  # full SVD is a different entry
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not list(tmp_path.glob("*.tmp"))
+    sliced = SVDCache(tmp_path).get(W, k=3)  # an exact top-k is sliced from the full entry, not recomputed
+    assert not calls and torch.equal(sliced.U, full.U[:, :3]) and len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 BUILD = """

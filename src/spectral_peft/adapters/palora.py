@@ -147,9 +147,17 @@ class PALoRALayer(SpectralLayer):
         B, A = self.lora.factors()
         return torch.cat([self.U * (self.S * (self.expert_scale - 1.0)), B], 1), torch.cat([self.V.T, A], 0)
 
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``dW_k x`` (the knowledge update alone)."""
+        B, A = self.lora.factors()
+        return (x @ A.T) @ B.T
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen expert path and the LoRA path apart, so no gradient is formed for the frozen factors."""
+        return ((x @ self.V) * (self.S * (self.expert_scale - 1.0))) @ self.U.T + self.lora_delta(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled or self.expert_mode == "factorised":
             return super().forward(x)
         y = F.linear(x, self.expert_weight, self.base_layer.bias)
-        B, A = self.lora.factors()
-        return y + ((x.to(torch.float32) @ A.T) @ B.T).to(y.dtype)
+        return y + self.lora_delta(x.to(torch.float32)).to(y.dtype)

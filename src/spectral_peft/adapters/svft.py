@@ -79,6 +79,7 @@ class SVFTLayer(SpectralLayer):
     def __init__(self, base_layer: nn.Linear, svd: SVD, rows: torch.Tensor, cols: torch.Tensor):
         super().__init__(base_layer)
         self.svft_values = nn.Parameter(torch.zeros(rows.numel()))
+        self.diagonal = bool(torch.equal(rows, cols))
         self.register_buffer("rows", rows.long(), persistent=False)
         self.register_buffer("cols", cols.long(), persistent=False)
         self.register_buffer("U", svd.U.float().contiguous(), persistent=False)
@@ -94,4 +95,6 @@ class SVFTLayer(SpectralLayer):
         return self.U @ self.core(), self.V.T
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.diagonal:  # the plain pattern: no dense r0 x r0 core
+            return ((x @ self.V[:, self.cols]) * self.svft_values) @ self.U[:, self.rows].T
         return ((x @ self.V) @ self.core().T) @ self.U.T

@@ -59,9 +59,13 @@ class SVDCache:
         """Top-``k`` SVD of ``weight`` (all triplets when ``k`` is None), from disk when cached."""
         digest = digest or weight_hash(weight)
         path = self.path(digest, method, k)
+        full = self.path(digest, "exact", None)
         if path is not None and path.exists():
             t = load_file(str(path))
             return SVD(t["U"], t["S"], t["V"])
+        if method == "exact" and full is not None and full.exists():  # an exact top-k is a slice of the full SVD
+            t = load_file(str(full))
+            return SVD(t["U"], t["S"], t["V"]).top(k)
         svd = svd_full(weight) if k is None else svd_topk(weight, k, method=method)
         if path is not None:
             _atomic_save({"U": svd.U, "S": svd.S, "V": svd.V}, path)
