@@ -132,6 +132,8 @@ def test_mergefail_quick(checkpoint, tmp_path):
         lo = -1 if "-" in key.split("|")[0] else 0
         assert lo <= v["low"] <= v["estimate"] <= v["high"] <= 1 and v["n"] == 5 * 2  # n_merge x sizes {2, 3}
     assert {r["t"] for r in m["summary"]["rates"]} == {2, 3}
+    assert set(m["retention"]) == set(m["pooled"])
+    assert all(v["estimate"] >= 0 for k, v in m["retention"].items() if "-" not in k.split("|")[0])
     assert (tmp_path / "mf" / "figures" / "mergefail.png").exists()
 
 

@@ -116,6 +116,7 @@ def run_mergefail(cfg: MergeFailConfig, out: str | Path) -> MergeFailRun:
                                  progress=cfg.progress))
     summary = summarize(results, n_resamples=4999)
     pooled = pooled_rates(results, cfg.operators)
+    retention = merged_retention(results, cfg.operators)
     metrics = {
         "protocol": "mergefail", "tasks": list(cfg.tasks), "seeds": list(cfg.seeds), "n_merge": cfg.n_merge,
         "tau": cfg.tau, "operators": list(cfg.operators), "density": cfg.density, "quick": cfg.quick,
@@ -125,7 +126,7 @@ def run_mergefail(cfg: MergeFailConfig, out: str | Path) -> MergeFailRun:
         "zero_single_adapters": {m: sum(v == 0 for sc in s.values() for v in sc.values()) for m, s in singles.items()},
         "mean_single_score": {m: float(np.mean([v for sc in s.values() for v in sc.values()])) for m, s in singles.items()},
         "budget_use_max": uses,
-        "pooled": pooled, "summary": summary.to_dict(), "results": [r.to_dict() for r in results],
+        "pooled": pooled, "retention": retention, "summary": summary.to_dict(), "results": [r.to_dict() for r in results],
     }
     with atomic_run_dir(out) as tmp:
         write_json(tmp / "config.json", asdict(cfg))
@@ -149,6 +150,21 @@ def pooled_rates(results, operators) -> dict[str, Any]:
     return {k: {**v.to_dict(), "n": int(len(cols[k]))} for k, v in cis.items()}
 
 
+def merged_retention(results, operators) -> dict[str, Any]:
+    """Mean over instances of ``mean_{task in subset} merged score / single score`` per (method, operator), pooled
+    over all t, with a joint bootstrap CI (paired across methods). A graded view of MergeFail: 1 = nothing lost.
+    Tasks whose single score is 0 are skipped."""
+    cols = {}
+    for op in operators:
+        for r in results:
+            rows = sorted((i for i in r.instances if i.operator == op), key=lambda i: i.key)
+            cols[f"{r.method}|{op}"] = np.array([np.mean([i.scores[t] / i.single[t] for t in i.tasks if i.single[t] > 0]
+                                                         or [1.0]) for i in rows])
+        for r in results[1:]:
+            cols[f"{r.method}-{results[0].method}|{op}"] = cols[f"{r.method}|{op}"] - cols[f"{results[0].method}|{op}"]
+    return {k: {**v.to_dict(), "n": int(len(cols[k]))} for k, v in joint_bootstrap(cols, n_resamples=4999).items()}
+
+
 def mergefail_report(m: dict[str, Any], figs: list[str]) -> str:
     s = m["sizes"]
     lines = [f"# MergeFail (tau = {m['tau']}, {len(m['tasks'])} tasks: {', '.join(m['tasks'])})", "",
@@ -167,6 +183,12 @@ def mergefail_report(m: dict[str, Any], figs: list[str]) -> str:
     rows = [{"method / difference": k.split("|")[0], "operator": k.split("|")[1], "n": v["n"], "fail rate (%)": fmt_ci(v)}
             for k, v in m["pooled"].items()]
     lines.append(md_table(rows, ["method / difference", "operator", "n", "fail rate (%)"]))
+    if "retention" in m:
+        lines += ["", "Merged score / single-adapter score, mean over the subset's tasks and the instances (all t; 95% "
+                  "bootstrap CI, differences paired):", ""]
+        rows = [{"method / difference": k.split("|")[0], "operator": k.split("|")[1], "n": v["n"],
+                 "retention (%)": fmt_ci(v)} for k, v in m["retention"].items()]
+        lines.append(md_table(rows, ["method / difference", "operator", "n", "retention (%)"]))
     lines += ["", "Per merge size:", ""]
     rows = [{"method": r["method"], "operator": r["operator"], "t": r["t"], "n": r["n"], "fail rate (%)": fmt_ci(r["rate"])}
             for r in m["summary"]["rates"]]
