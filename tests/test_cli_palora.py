@@ -1,31 +1,23 @@
 """The `svf`, `inject`, `eval` and `demo` commands: help, one-line errors, and an svf -> inject -> eval chain on a
 tiny random organism."""
 
-import itertools
 import json
 
 import pytest
 import torch
-from transformers import GenerationConfig
 from typer.testing import CliRunner
 
+from conftest import save_tiny_organism
+
 from spectral_peft.cli import app
-from spectral_peft.data import documents
-from spectral_peft.organism import build_tokenizer, tiny_random_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-organism")
-    tok = build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
-    model = tiny_random_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    """A tiny random organism saved as an HF checkpoint (hidden 32, MLP 64, one layer)."""
+    return save_tiny_organism(tmp_path_factory.mktemp("tiny-organism"))
 
 
 @pytest.mark.parametrize("command,option", [("svf", "--objective"), ("inject", "--method"), ("eval", "--n-skill"),

@@ -1,20 +1,18 @@
 """PALoRA experiments on a tiny random organism: expert folding, every method from the same expert, protected
 directions kept, ablations, atomic run directories, and a tiny deterministic end-to-end demo."""
 
-import itertools
 import json
 import math
 
 import pytest
 import torch
-from transformers import GenerationConfig
+
+from conftest import save_tiny_organism
 
 from spectral_peft import Probe, get_peft_model, method_config
-from spectral_peft.data import documents
 from spectral_peft.experiments import MethodConfig, ModelSource, atomic_run_dir, build_method_model, merge_expert
 from spectral_peft.experiments.demo import DemoConfig, run_demo
 from spectral_peft.experiments.methods import check_method, protected_size
-from spectral_peft.organism import build_tokenizer, tiny_random_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,14 +26,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random organism saved as an HF checkpoint (hidden 32, MLP 64, one layer)."""
-    path = tmp_path_factory.mktemp("tiny-organism")
-    tok = build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
-    model = tiny_random_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_organism(tmp_path_factory.mktemp("tiny-organism"))
 
 
 @pytest.fixture(scope="module")
