@@ -1,19 +1,18 @@
 """The HiP-LoRA commands: help, one-line errors, finetune -> merge (the merged model is W + sum of dWs), and
 --quick protocol runs through the CLI on a tiny random organism."""
 
-import itertools
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from conftest import save_tiny_organism
+
 from spectral_peft.cli import app
-from spectral_peft.data import documents
 from spectral_peft.experiments.common import load_model
 from spectral_peft.merging import adapter_deltas
-from spectral_peft.organism import build_tokenizer, tiny_random_model
 
 runner = CliRunner()
 SMALL = ["--r", "4", "--k", "4", "--n-train", "16", "--n-eval", "4", "--epochs", "1"]
@@ -21,14 +20,7 @@ SMALL = ["--r", "4", "--k", "4", "--n-train", "16", "--n-eval", "4", "--epochs",
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-organism-cli-hip")
-    tok = build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
-    model = tiny_random_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_organism(tmp_path_factory.mktemp("tiny-organism-cli-hip"))
 
 
 @pytest.mark.parametrize("command,option", [("finetune", "--budget-mode"), ("merge", "--how"), ("drift", "--methods"),

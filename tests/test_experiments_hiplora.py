@@ -1,16 +1,14 @@
 """HiP-LoRA protocols (experiments.finetune/drift/merge_protocol/continual_protocol/editing_protocol/sanity_protocol)
 on a tiny random organism: specs, matched budgets, the budget constraint, and --quick runs with valid metrics."""
 
-import itertools
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
-from transformers import GenerationConfig
 
-from spectral_peft.data import documents
+from conftest import save_tiny_organism
+
 from spectral_peft.experiments.common import load_model
 from spectral_peft.experiments.continual_protocol import ContinualConfig, run_continual_protocol
 from spectral_peft.experiments.drift import DriftConfig, run_drift
@@ -21,21 +19,13 @@ from spectral_peft.experiments.merge_protocol import MergeFailConfig, run_mergef
 from spectral_peft.experiments.sanity_protocol import SanityConfig, run_sanity
 from spectral_peft.merging import adapter_deltas
 from spectral_peft.model import load_adapter
-from spectral_peft.organism import build_tokenizer, tiny_random_model
 
 TINY = TrainSettings(n_train=16, n_eval=4, epochs=1, batch_size=8, lr=2e-3, max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-organism-hip")
-    tok = build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
-    model = tiny_random_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_organism(tmp_path_factory.mktemp("tiny-organism-hip"), num_layers=2)
 
 
 def test_parse_spec_options_and_errors():

@@ -7,7 +7,6 @@ the injection methods.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 

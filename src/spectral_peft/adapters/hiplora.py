@@ -120,7 +120,7 @@ class HiPLoRALayer(SpectralLayer):
 
     def budget_use(self) -> float:
         """``R(phi) / eps`` (infinite when ``eps = 0`` and ``phi != 0``)."""
-        R = float(self.regulariser())
+        R = float(self.regulariser().detach())
         return R / self.budget_eps if self.budget_eps > 0 else (0.0 if R == 0 else float("inf"))
 
 

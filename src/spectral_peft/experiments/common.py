@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,6 +52,16 @@ class ModelSource:
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self._model.parameters())
+
+
+@dataclass
+class ProtocolRun:
+    """What a protocol run returns: its ``metrics.json`` content."""
+
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.metrics
 
 
 def seed_everything(seed: int, threads: int | None = None) -> None:

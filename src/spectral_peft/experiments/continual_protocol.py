@@ -21,7 +21,7 @@ import numpy as np
 
 from ..evaluation.continual import ContinualResult, plot_accuracy_matrix, run_continual
 from ..evaluation.stats import joint_bootstrap
-from .common import ModelSource, atomic_run_dir, seed_everything, write_json
+from .common import ProtocolRun, ModelSource, atomic_run_dir, seed_everything, write_json
 from .finetune import (PROTOCOL_METHODS, AdapterSpec, TrainSettings, budget_table, eval_examples, final_budget_use,
                        fmt_ci, match_budgets, md_table, parse_specs, resolve_task, save_figure, score_flags, task_pairs,
                        train_adapter, unwrap)
@@ -52,15 +52,7 @@ class ContinualConfig:
         return replace(self, methods=methods, seeds=self.seeds[:1], train=self.train.quick())
 
 
-@dataclass
-class ContinualRun:
-    metrics: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.metrics
-
-
-def run_continual_protocol(cfg: ContinualConfig, out: str | Path) -> ContinualRun:
+def run_continual_protocol(cfg: ContinualConfig, out: str | Path) -> ProtocolRun:
     cfg = cfg.resolved()
     if len(cfg.tasks) < 2 or len(set(cfg.tasks)) != len(cfg.tasks):
         raise ValueError(f"continual tuning needs at least 2 distinct tasks, got {list(cfg.tasks)}")
@@ -138,7 +130,7 @@ def run_continual_protocol(cfg: ContinualConfig, out: str | Path) -> ContinualRu
             fig = plot_accuracy_matrix(ContinualResult(list(cfg.tasks), pm["R"]), title=f"continual: {label}")
             figs.append(save_figure(fig, tmp / "figures" / f"accuracy_matrix_{k}.png"))
         (tmp / "report.md").write_text(continual_report(metrics, figs))
-    return ContinualRun(metrics)
+    return ProtocolRun(metrics)
 
 
 def continual_report(m: dict[str, Any], figs: list[str]) -> str:

@@ -28,7 +28,7 @@ from ..evaluation.knowledge import recall
 from ..evaluation.skills import skill_accuracy
 from ..evaluation.stats import joint_bootstrap
 from ..merging import adapter_deltas
-from .common import ModelSource, atomic_run_dir, seed_everything, write_json
+from .common import ProtocolRun, ModelSource, atomic_run_dir, seed_everything, write_json
 from .finetune import (PROTOCOL_METHODS, AdapterSpec, TrainSettings, budget_table, doc_nll, final_budget_use,
                        fmt_ci, match_budgets, md_table, parse_specs, plot_budget_use, resolve_task, save_figure,
                        score_flags, task_pairs, eval_examples)
@@ -69,14 +69,6 @@ class DriftConfig:
                        train=self.train.quick())
 
 
-@dataclass
-class DriftResult:
-    metrics: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.metrics
-
-
 def _items(model, tok, cfg: DriftConfig, texts, skill_examples, facts) -> dict[str, np.ndarray]:
     """Per-item scores: ``nll`` (per-document NLL sums, with ``tokens``), one 0/1 column per skill and ``facts``."""
     sums, counts = doc_nll(model, tok, texts)
@@ -88,7 +80,7 @@ def _items(model, tok, cfg: DriftConfig, texts, skill_examples, facts) -> dict[s
     return out
 
 
-def run_drift(cfg: DriftConfig, out: str | Path) -> DriftResult:
+def run_drift(cfg: DriftConfig, out: str | Path) -> ProtocolRun:
     """Train every method on ``cfg.task`` and measure interference and degradation; write the run directory."""
     cfg = cfg.resolved()
     defaults = AdapterSpec(r=cfg.r, k=cfg.k, targets=cfg.targets)
@@ -199,7 +191,7 @@ def run_drift(cfg: DriftConfig, out: str | Path) -> DriftResult:
             figs.append(save_figure(plot_budget_use({k: v for k, v in logs_by_label.items()}),
                                     tmp / "figures" / "budget_use.png"))
         (tmp / "report.md").write_text(drift_report(metrics, figs))
-    return DriftResult(metrics)
+    return ProtocolRun(metrics)
 
 
 def plot_degradation(metrics: dict[str, Any]) -> Figure:

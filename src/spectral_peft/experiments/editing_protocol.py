@@ -24,7 +24,7 @@ from ..evaluation.generation import generate
 from ..evaluation.matching import alias_match, normalize
 from ..evaluation.skills import skill_accuracy
 from ..evaluation.stats import joint_bootstrap
-from .common import ModelSource, atomic_run_dir, seed_everything, write_json
+from .common import ProtocolRun, ModelSource, atomic_run_dir, seed_everything, write_json
 from .finetune import (PROTOCOL_METHODS, AdapterSpec, TrainSettings, budget_table, final_budget_use, fmt_ci,
                        match_budgets, md_table, parse_specs, save_figure, train_adapter)
 
@@ -60,15 +60,7 @@ class EditingConfig:
                        n_skill=min(self.n_skill, 12), seeds=self.seeds[:1], train=replace(self.train, epochs=min(self.train.epochs, 10)))
 
 
-@dataclass
-class EditingRun:
-    metrics: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.metrics
-
-
-def run_editing(cfg: EditingConfig, out: str | Path) -> EditingRun:
+def run_editing(cfg: EditingConfig, out: str | Path) -> ProtocolRun:
     cfg = cfg.resolved()
     world = World()
     if not 1 <= cfg.n_edits <= len(world.edits):
@@ -165,7 +157,7 @@ def run_editing(cfg: EditingConfig, out: str | Path) -> EditingRun:
         write_json(tmp / "metrics.json", metrics)
         figs = [save_figure(plot_editing(metrics), tmp / "figures" / "editing.png")]
         (tmp / "report.md").write_text(editing_report(metrics, figs))
-    return EditingRun(metrics)
+    return ProtocolRun(metrics)
 
 
 def _editing_dict(res) -> dict[str, Any]:

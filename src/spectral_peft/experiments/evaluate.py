@@ -5,7 +5,7 @@ parameter overhead."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..data import SKILLS, World, heldout_text
 from ..evaluation import paraphrase_recall, perplexity, recall, skill_accuracy

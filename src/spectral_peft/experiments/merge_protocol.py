@@ -23,7 +23,7 @@ import numpy as np
 from ..evaluation.mergefail import MERGEFAIL_SEEDS, mergefail, plot_mergefail, summarize
 from ..evaluation.stats import joint_bootstrap
 from ..merging import MERGE_OPERATORS, adapter_deltas
-from .common import ModelSource, atomic_run_dir, seed_everything, write_json
+from .common import ProtocolRun, ModelSource, atomic_run_dir, seed_everything, write_json
 from .finetune import (PROTOCOL_METHODS, AdapterSpec, TrainSettings, budget_table, eval_examples, final_budget_use,
                        fmt_ci, match_budgets, md_table, parse_specs, plot_budget_use, resolve_task, save_figure,
                        score_flags, task_pairs, train_adapter)
@@ -63,15 +63,7 @@ class MergeFailConfig:
                        train=self.train.quick())
 
 
-@dataclass
-class MergeFailRun:
-    metrics: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.metrics
-
-
-def run_mergefail(cfg: MergeFailConfig, out: str | Path) -> MergeFailRun:
+def run_mergefail(cfg: MergeFailConfig, out: str | Path) -> ProtocolRun:
     cfg = cfg.resolved()
     if len(cfg.tasks) < 2 or len(set(cfg.tasks)) != len(cfg.tasks):
         raise ValueError(f"MergeFail needs at least 2 distinct tasks, got {list(cfg.tasks)}")
@@ -135,7 +127,7 @@ def run_mergefail(cfg: MergeFailConfig, out: str | Path) -> MergeFailRun:
         if budget_logs and any("budget_use_max" in r for v in budget_logs.values() for r in v):
             figs.append(save_figure(plot_budget_use(budget_logs), tmp / "figures" / "budget_use.png"))
         (tmp / "report.md").write_text(mergefail_report(metrics, figs))
-    return MergeFailRun(metrics)
+    return ProtocolRun(metrics)
 
 
 def pooled_rates(results, operators) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from ..data import heldout_text
 from ..evaluation.sanity import PERTURBATIONS, correlate, lm_loss, spectral_sanity
-from .common import ModelSource, atomic_run_dir, seed_everything, write_json
+from .common import ProtocolRun, ModelSource, atomic_run_dir, seed_everything, write_json
 from .finetune import md_table, save_figure, target_shapes
 
 
@@ -42,15 +42,7 @@ class SanityConfig:
         return replace(self, n_indices=min(self.n_indices, 6), n_docs=min(self.n_docs, 8)) if self.quick else self
 
 
-@dataclass
-class SanityRun:
-    metrics: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.metrics
-
-
-def run_sanity(cfg: SanityConfig, out: str | Path) -> SanityRun:
+def run_sanity(cfg: SanityConfig, out: str | Path) -> ProtocolRun:
     cfg = cfg.resolved()
     bad = [p for p in cfg.perturbations if p not in PERTURBATIONS]
     if bad:
@@ -89,7 +81,7 @@ def run_sanity(cfg: SanityConfig, out: str | Path) -> SanityRun:
         write_json(tmp / "metrics.json", metrics)
         figs = [save_figure(plot_sanity(metrics), tmp / "figures" / "sanity.png")]
         (tmp / "report.md").write_text(sanity_report(metrics, figs))
-    return SanityRun(metrics)
+    return ProtocolRun(metrics)
 
 
 def plot_sanity(m: dict[str, Any]) -> Figure:
@@ -112,7 +104,7 @@ def plot_sanity(m: dict[str, Any]) -> Figure:
 
 
 def sanity_report(m: dict[str, Any], figs: list[str]) -> str:
-    lines = [f"# Spectral sanity check", "",
+    lines = ["# Spectral sanity check", "",
              f"{m['n_matrices']} matrices ({m['targets']}), {m['n_indices']} singular indices each (spread over the "
              f"spectrum), loss on {m['n_docs']} held-out documents; noise {m['noise']}"
              + (" (quick mode)." if m["quick"] else "."), "",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
