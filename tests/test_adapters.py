@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from helpers import ARCHS, tiny_model
 
 from spectral_peft import Probe, attach_budget_projection, get_peft_model, method_config
 from spectral_peft.adapters.hiplora import HiPLoRALayer, weighted_ball_projection

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import save_tiny_organism
+from helpers import save_tiny_organism
 
 from spectral_peft.cli import app
 from spectral_peft.experiments.common import load_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import save_tiny_organism
+from helpers import save_tiny_organism
 
 from spectral_peft.cli import app
 

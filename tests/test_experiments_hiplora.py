@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import save_tiny_organism
+from helpers import save_tiny_organism
 
 from spectral_peft.experiments.common import load_model
 from spectral_peft.experiments.continual_protocol import ContinualConfig, run_continual_protocol

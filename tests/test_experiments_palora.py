@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import save_tiny_organism
+from helpers import save_tiny_organism
 
 from spectral_peft import Probe, get_peft_model, method_config
 from spectral_peft.experiments import MethodConfig, ModelSource, atomic_run_dir, build_method_model, merge_expert

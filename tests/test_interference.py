@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from spectral_peft import HiPLoRAConfig, get_peft_model
 from spectral_peft.evaluation.interference import (

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from test_adapters import config_for, train
 
 from spectral_peft import BudgetCallback, export_lora, get_peft_model, load_adapter, merge_adapters, method_config

@@ -1,0 +1,35 @@
+"""Shared test helpers: tiny random models of real architectures and a tiny organism checkpoint (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+ARCHS = ("llama", "mistral")
+
+
+def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A 2-layer causal LM with distinct matrix shapes (hidden 32, MLP 48, 4 heads, 2 KV heads)."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else MistralForCausalLM(MistralConfig(**kw))
+    return model.to(dtype).eval()
+
+
+def save_tiny_organism(path, num_layers: int = 1) -> str:
+    """A tiny random member of the organism's family (hidden 32, MLP 64), saved with its tokenizer as a checkpoint."""
+    import itertools
+
+    from transformers import GenerationConfig
+
+    from spectral_peft.data import documents
+    from spectral_peft.organism import build_tokenizer, tiny_random_model
+
+    tok = build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
+    model = tiny_random_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_layers=num_layers, num_heads=2)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
