@@ -112,3 +112,33 @@ class Probe:
         if not scales:
             raise ValueError("the model has no SVF layers to make a probe from")
         return cls(scales=scales, base=base, meta=dict(meta or {}))
+
+
+@torch.no_grad()
+def fold_expert(model: nn.Module, probe: Probe, svd_cache=None) -> nn.Module:
+    """Write the SVF expert ``W_e = W + U diag(sigma (z - 1)) V^T`` into every probed matrix of ``model`` (in place).
+
+    The probe must have been trained on exactly these weights (checked by hash). The SVD is the one the SVF and
+    PALoRA layers use (the spectral cache), so ``W_e`` equals PALoRA's folded expert weight.
+    """
+    from .spectral import SVDCache
+
+    probe.check_base(model)
+    cache = svd_cache or SVDCache(None)
+    modules = dict(model.named_modules())
+    for name, z in probe.scales.items():
+        W = modules[name].weight
+        svd = cache.get(W, k=None)
+        dW = (svd.U.float() * (svd.S.float() * (z.float().to(W.device) - 1.0))) @ svd.V.float().T
+        W.copy_((W.float() + dW).to(W.dtype))
+    return model
+
+
+def load_probe(path: str | Path) -> Probe:
+    """A probe from its directory, or from an SVF run directory holding ``probe/``."""
+    path = Path(path).expanduser()
+    if (path / "probe").is_dir() and not (path / PROBE_CONFIG).exists():
+        path = path / "probe"
+    if not (path / PROBE_CONFIG).is_file():
+        raise FileNotFoundError(f"no probe at {path} (train one with `spectral-peft svf`)")
+    return Probe.load(path)

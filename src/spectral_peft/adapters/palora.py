@@ -8,6 +8,8 @@ protected expert triplet is kept exactly. The soft variant uses ``P_L = I - U di
 
 ``expert_mode="fold"`` keeps ``W_e`` as a frozen buffer (the speed of LoRA, one extra copy of each target weight);
 ``"factorised"`` computes ``W x + U (sigma (z - 1) * V^T x)`` (no copy, about one more matmul per token).
+``place="inside"`` is an ablation: the update is forced *into* the protected subspace,
+``dW_k = s U_S U_S^T B A V_S V_S^T``, so that PALoRA's placement can be compared with its opposite.
 Matrices the probe does not cover are adapted by plain LoRA (``uncovered="unconstrained"``) or left alone
 (``uncovered="skip"``); the choice is recorded in the adapter config.
 """
@@ -27,6 +29,7 @@ from .base import MLP_MODULES, SpectralLayer
 from .projected_lora import LowRankConfig, ProjectedLoRA, ProjectedLoRALayer
 
 UNCOVERED = ("unconstrained", "skip")
+PLACES = ("orthogonal", "inside")
 EXPERT_MODES = ("fold", "factorised")
 
 
@@ -37,7 +40,8 @@ class PALoRAConfig(LowRankConfig):
     ``probe``: a probe directory or :class:`Probe`. ``selection``: ``top_fraction`` (``rho``), ``threshold``
     (``tau``), ``mass`` (``q``), or ``explicit`` (``protected_indices``: module name -> indices). ``soft``: scale
     each direction by ``d_i / max(d)`` instead of removing ``S``. ``uncovered``: what to do with target matrices the
-    probe does not cover. ``expert_mode``: ``fold`` or ``factorised``.
+    probe does not cover. ``expert_mode``: ``fold`` or ``factorised``. ``place``: ``orthogonal`` (PALoRA) or
+    ``inside`` (the ablation that puts the update in the protected subspace).
     """
 
     method: ClassVar[str] = "palora"
@@ -52,6 +56,7 @@ class PALoRAConfig(LowRankConfig):
     protected_indices: dict[str, list[int]] | None = field(default=None, repr=False)
     uncovered: str = "unconstrained"
     expert_mode: str = "fold"
+    place: str = "orthogonal"
 
     def validate(self) -> None:
         super().validate()
@@ -65,6 +70,8 @@ class PALoRAConfig(LowRankConfig):
             raise ValueError(f"uncovered must be one of {UNCOVERED}, got {self.uncovered!r}")
         if self.expert_mode not in EXPERT_MODES:
             raise ValueError(f"expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
+        if self.place not in PLACES:
+            raise ValueError(f"place must be one of {PLACES}, got {self.place!r}")
         if self.probe is None:
             raise ValueError("PALoRA needs a probe (a probe directory or a Probe)")
         if not isinstance(self.probe, Probe):
@@ -113,10 +120,11 @@ class PALoRAConfig(LowRankConfig):
             d = (z - 1).abs()
             weights = d / d.max() if d.max() > 0 else torch.zeros_like(d)
             index = torch.arange(svd.rank)
-            lora = ProjectedLoRA(shape, self.r, scaling, svd.U, svd.V, weights)
+            lora = ProjectedLoRA(shape, self.r, scaling, svd.U, svd.V, weights, inside=self.place == "inside")
         else:
             index = self.protected(name)
-            lora = ProjectedLoRA(shape, self.r, scaling, svd.U[:, index], svd.V[:, index])
+            lora = ProjectedLoRA(shape, self.r, scaling, svd.U[:, index], svd.V[:, index],
+                                 inside=self.place == "inside")
         return PALoRALayer(base_layer, svd, z, index, lora, self.expert_mode)
 
 

@@ -2,7 +2,8 @@
 
 ``dW = s * (P_L B) (A P_R)`` with ``P_L = I - U_S diag(w) U_S^T`` and ``P_R = I - V_S diag(w) V_S^T``.
 With ``w = 1`` (hard) ``U_S^T dW = 0`` and ``dW V_S = 0``: the protected triplets are untouched. The soft variant
-uses ``w in [0, 1]`` per direction. The projectors are never materialised:
+uses ``w in [0, 1]`` per direction. ``inside=True`` is the opposite placement, an ablation:
+``dW = s * (U_S U_S^T B) (A V_S V_S^T)`` lives entirely in the protected subspace. The projectors are never materialised:
 ``P_L B = B - U_S (w * (U_S^T B))`` and ``A P_R = A - ((A V_S) * w) V_S^T``, at ``O((m + n) r |S|)``.
 """
 
@@ -78,9 +79,11 @@ class ProjectedLoRA(nn.Module):
         U_S: torch.Tensor,
         V_S: torch.Tensor,
         weights: torch.Tensor | None = None,
+        inside: bool = False,
     ):
         super().__init__()
         self.r = r
+        self.inside = inside
         self.scaling = scaling
         self.lora_A, self.lora_B = init_lora_factors(r, shape)
         # stored transposed (|S| x m, |S| x n): the thin products below then run on row-major operands, which
@@ -98,16 +101,19 @@ class ProjectedLoRA(nn.Module):
         return self.V_St.T
 
     def projected_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P_L B, A P_R)``, computed as ``(B^T - (B^T U_S) w U_S^T)^T`` and ``A - (A V_S) w V_S^T``."""
+        """``(P_L B, A P_R)``, computed as ``(B^T - (B^T U_S) w U_S^T)^T`` and ``A - (A V_S) w V_S^T``; with
+        ``inside``, ``((B^T U_S) U_S^T)^T`` and ``(A V_S) V_S^T``."""
         B, A = self.lora_B, self.lora_A
         if self.U_St.shape[0] == 0:
-            return B, A
+            return (B * 0, A * 0) if self.inside else (B, A)
         Bt = B.T
         cb = Bt @ self.U_St.T  # r x |S|
         ca = A @ self.V_St.T  # r x |S|
         if self.w is not None:
             cb = cb * self.w
             ca = ca * self.w
+        if self.inside:
+            return (cb @ self.U_St).T, ca @ self.V_St
         return (Bt - cb @ self.U_St).T, A - ca @ self.V_St
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
