@@ -11,14 +11,15 @@ from .interference import Degradation, Interference, interference_table, pretrai
 from .mergefail import MERGEFAIL_SEEDS, MergeFailResult, mergefail, sample_instances
 from .mergefail import summarize as summarize_mergefail
 from .sanity import SanityResult, spectral_sanity
-from .stats import CI, bootstrap_ci, paired_difference_ci, seed_ci
+from .stats import CI, bootstrap_ci, joint_bootstrap, paired_difference_ci, proportion_ci, wilson_ci
 
 __all__ = [
     "CI", "ContinualResult", "Degradation", "EditingResult", "Interference", "MERGEFAIL_SEEDS", "MergeFailResult",
     "SanityResult", "backward_transfer", "bootstrap_ci", "evaluate_editing", "final_average_accuracy", "forgetting",
-    "interference_table", "mergefail", "paired_difference_ci", "pretraining_degradation", "run_continual",
-    "sample_instances", "seed_ci", "spectral_interference", "spectral_sanity", "summarize_mergefail",
+    "interference_table", "joint_bootstrap", "mergefail", "paired_difference_ci", "pretraining_degradation",
+    "proportion_ci", "run_continual", "sample_instances", "spectral_interference", "spectral_sanity",
+    "summarize_mergefail",
     "Category", "CategoryResult", "PerplexityResult", "RecallResult", "SkillResult",
     "alias_match", "categorize", "extract_answer", "generate", "knowledge_categories", "normalize",
-    "paraphrase_recall", "perplexity", "recall", "skill_accuracy",
+    "paraphrase_recall", "perplexity", "recall", "skill_accuracy", "wilson_ci",
 ]
