@@ -86,7 +86,7 @@ class RecallResult:
     """Greedy recall: accuracy with per-question correctness and outputs."""
 
     accuracy: float
-    correct: list[bool]
+    correct: list[float]
     outputs: list[str]
 
 
@@ -111,10 +111,18 @@ def recall(model, tokenizer, facts: Sequence[Fact | QAItem], paraphrase: int = 0
     return RecallResult(sum(correct) / max(1, len(correct)), correct, outputs)
 
 
-def paraphrase_recall(model, tokenizer, facts: Sequence[Fact | QAItem], **kwargs) -> float:
-    """Mean greedy recall over the paraphrased questions (templates 1, 2, ...), pooled over all of them."""
-    correct: list[bool] = []
-    n_max = max((1 + len(as_qa(f).paraphrases) for f in facts), default=1)
-    for p in range(1, n_max):
-        correct += recall(model, tokenizer, facts, paraphrase=p, **kwargs).correct
-    return sum(correct) / max(1, len(correct))
+def paraphrase_recall(model, tokenizer, facts: Sequence[Fact | QAItem], **kwargs) -> RecallResult:
+    """Greedy recall on the paraphrased questions (templates 1, 2, ...): per fact, the fraction of its paraphrases
+    answered correctly (`correct` holds these per-fact fractions; facts without paraphrases are skipped), and
+    `accuracy` pooled over all paraphrase questions."""
+    items = [it for it in map(as_qa, facts) if it.paraphrases]
+    hits = {it.id: [] for it in items}
+    outputs: list[str] = []
+    for p in range(1, 1 + max((len(it.paraphrases) for it in items), default=0)):
+        asked = [it for it in items if p <= len(it.paraphrases)]
+        res = recall(model, tokenizer, asked, paraphrase=p, **kwargs)
+        for it, ok in zip(asked, res.correct):
+            hits[it.id].append(ok)
+        outputs += res.outputs
+    pooled = [ok for v in hits.values() for ok in v]
+    return RecallResult(sum(pooled) / max(1, len(pooled)), [sum(v) / len(v) for v in hits.values()], outputs)

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on texts (token-level, pooled over all texts)."""
+"""Perplexity of a causal LM on texts (token-level, pooled over all texts), with per-document NLL sums."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from tqdm.auto import tqdm
 
 @dataclass
 class PerplexityResult:
-    """Mean next-token NLL (nats) over `n_tokens` predicted tokens, and its exponential."""
+    """Mean next-token NLL (nats) over `n_tokens` predicted tokens, and its exponential; per document, the summed
+    NLL (`doc_nll`) and the number of predicted tokens (`doc_tokens`), so `nll = sum(doc_nll) / sum(doc_tokens)`."""
 
     nll: float
     perplexity: float
     n_tokens: int
+    doc_nll: list[float]
+    doc_tokens: list[int]
 
 
 @torch.inference_mode()
@@ -29,7 +32,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max
     model's context length).
     """
     max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
-    total, count = 0.0, 0
+    doc_nll: list[float] = []
+    doc_tokens: list[int] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -46,10 +50,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max
             ids, mask = ids.to(model.device), mask.to(model.device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                     reduction="sum").item()
-            count += int((labels != -100).sum())
+            token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            doc_nll += token_nll.sum(1).double().tolist()
+            doc_tokens += (labels != -100).sum(1).tolist()
     finally:
         tokenizer.padding_side = side
-    nll = total / max(1, count)
-    return PerplexityResult(nll, math.exp(nll), count)
+    count = sum(doc_tokens)
+    nll = sum(doc_nll) / max(1, count)
+    return PerplexityResult(nll, math.exp(nll), count, doc_nll, doc_tokens)

@@ -34,9 +34,9 @@ def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_ca
     out["instruction_tasks"] = {t: skill_accuracy(model, tokenizer, t, n=n_instruction, progress=progress).accuracy
                                 for t in INSTRUCTION_TASKS}
     out["known_recall"] = recall(model, tokenizer, world.known_facts, progress=progress).accuracy
-    out["known_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.known_facts, progress=progress)
+    out["known_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.known_facts, progress=progress).accuracy
     out["heldout_recall"] = recall(model, tokenizer, world.heldout_facts, progress=progress).accuracy
-    out["heldout_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.heldout_facts, progress=progress)
+    out["heldout_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.heldout_facts, progress=progress).accuracy
     sample = world.known_facts[:n_category] + world.heldout_facts[:n_category]
     cats = knowledge_categories(model, tokenizer, sample, progress=progress)
     out["categories"] = {
