@@ -180,10 +180,8 @@ def test_trainer_projects_budget_and_logs_use(tmp_path, input_ids):
     assert len(logged) >= 6
 
 
-def test_export_command_writes_peft_lora(input_ids, tmp_path):
-    from typer.testing import CliRunner
-
-    from spectral_peft.cli import app
+def test_export_command_writes_peft_lora(input_ids, tmp_path, capsys):
+    from spectral_peft.cli import main
 
     tiny_model().save_pretrained(tmp_path / "base")
     from transformers import PreTrainedTokenizerFast
@@ -193,10 +191,14 @@ def test_export_command_writes_peft_lora(input_ids, tmp_path):
                             eos_token="a").save_pretrained(tmp_path / "base")
     wrapped = trained("oplora", input_ids)
     wrapped.save_pretrained(tmp_path / "adapter")
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "adapter"), str(tmp_path / "lora"),
-                                      "--model", str(tmp_path / "base")])
-    assert result.exit_code == 0, result.output
+    code = main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora"),
+                 "--model", str(tmp_path / "base")])
+    assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and set(config["rank_pattern"].values()) == {8}
-    bad = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "x")])
-    assert bad.exit_code == 2 and not (tmp_path / "x").exists()
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora")]) == 2
+    assert "exists" in capsys.readouterr().err

@@ -109,3 +109,12 @@ def test_concurrent_builders_leave_a_valid_file(tmp_path):
 def test_get_many_progress(tmp_path):
     out = SVDCache(None).get_many({"a": decaying(), "b": decaying(seed=1)}, k=3, progress=False)
     assert set(out) == {"a", "b"} and out["a"].rank == 3
+
+
+def test_cache_root_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cache = SVDCache("~/svd")
+    cache.get(torch.randn(6, 4), k=2)
+    assert cache.root == tmp_path / "svd" and any(cache.root.iterdir())
+    assert not (tmp_path / "~").exists()

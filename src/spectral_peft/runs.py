@@ -23,7 +23,6 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
 MANIFEST = "run.json"
@@ -47,11 +46,9 @@ def read_json(path: str | Path) -> Any:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
     if isinstance(o, Path):
         return str(o)
-    if hasattr(o, "tolist"):  # numpy arrays and scalars
+    if hasattr(o, "tolist"):  # torch tensors, numpy arrays and scalars
         return o.tolist()
     if hasattr(o, "to_dict"):
         return o.to_dict()

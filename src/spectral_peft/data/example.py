@@ -79,7 +79,7 @@ class GeneratedTask:
         while len(out) < n:
             tries += 1
             if tries > 200 * n + 10_000:
-                raise RuntimeError(f"{self.name}: cannot draw {n} distinct {split} examples at difficulty {difficulty}")
+                raise ValueError(f"{self.name}: cannot draw {n} distinct {split} examples at difficulty {difficulty}; ask for fewer")
             level = difficulty if difficulty is not None else rng.choice(self.difficulties)
             ex = self.make(rng, level)
             if ex.prompt in seen or split_of(ex.prompt) != split:

@@ -26,12 +26,6 @@ def weight_hash(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def default_cache_dir() -> Path:
-    """``$SPECTRAL_PEFT_CACHE``, else ``~/.cache/spectral_peft/svd``."""
-    env = os.environ.get("SPECTRAL_PEFT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "spectral_peft" / "svd"
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -45,10 +39,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 class SVDCache:
-    """Computes SVDs on demand and memoises them on disk (``root=None`` keeps nothing on disk)."""
+    """Computes SVDs on demand and memoises them on disk (``root=None`` keeps nothing on disk; ``~`` is expanded)."""
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root is not None else None
+        self.root = Path(root).expanduser() if root is not None else None
 
     def path(self, digest: str, method: str, k: int | None) -> Path | None:
         if self.root is None:
