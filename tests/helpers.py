@@ -33,3 +33,23 @@ def save_tiny_organism(path, num_layers: int = 1) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def save_tiny_qwen2(path) -> str:
+    """A tiny random `Qwen2ForCausalLM` (hidden 32, 2 layers, 4 heads, 2 KV heads, MLP 64) with the organism's
+    tokenizer, saved with that tokenizer and a greedy GenerationConfig as a checkpoint directory."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from spectral_peft.organism import CHECKPOINT_DIR
+
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT_DIR, local_files_only=True)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
