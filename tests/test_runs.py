@@ -103,3 +103,14 @@ def test_config_written_as_yaml(tmp_path):
     run = RunDir(tmp_path / "r", "x")
     run.write_config(_Cfg())
     assert yaml.safe_load((run.path / "config.yaml").read_text()) == {"seeds": [0, 1], "inner": {"lr": 0.1}}
+
+
+def test_abandoned_run_leaves_nothing_unless_it_has_units(tmp_path):
+    empty = RunDir(tmp_path / "a", "x")
+    empty.write_text("config.yaml", "x: 1")
+    empty.abandon()
+    assert not (tmp_path / ".a.partial").exists() and not (tmp_path / "a").exists()
+    worked = RunDir(tmp_path / "b", "x")
+    worked.unit("done", lambda: 1)
+    worked.abandon()
+    assert (tmp_path / ".b.partial" / "units" / "done.json").exists()  # kept for --resume

@@ -149,6 +149,12 @@ class RunDir:
             write_json(p, compute())
         return read_json(p)
 
+    def abandon(self) -> None:
+        """After a failure: keep the work directory when it holds resumable units, else remove it (it is ours)."""
+        units = self.path / "units"
+        if self.path != self.out and not (units.is_dir() and any(units.iterdir())):
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def finish(self) -> Path:
         """Publish the work directory as ``out`` (replacing a previous run of ours in overwrite/resume mode)."""
         self._manifest("complete")

@@ -73,8 +73,12 @@ def execute(name: str, cfg: Any = None, out: str | Path | None = None, mode: str
         cfg = with_preset(cfg, module.QUICK)
     cfg.validate()
     run = RunDir(out or f"runs/{name}", name, mode)
-    run.write_config(cfg)
-    result = module.run(cfg, run)
-    summary = module.render(result, run)
+    try:
+        run.write_config(cfg)
+        result = module.run(cfg, run)
+        summary = module.render(result, run)
+    except BaseException:
+        run.abandon()
+        raise
     run.finish()
     return result, summary
