@@ -91,3 +91,21 @@ def test_finetune_quick_config_round_trip_and_refusal(organism, tmp_path, capsys
     assert main(["finetune", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
     assert yaml.safe_load((again / "config.yaml").read_text()) == cfg
     assert json.loads((again / "metrics.json").read_text())["items"] == metrics["items"]
+
+
+def test_dashed_flags_bare_booleans_and_comma_lists(tmp_path, capsys):
+    """`--chat-template`, a bare `--allow-code-execution` and `--seeds 0,1` reach the config as typed values."""
+    from spectral_peft.cli import _normalise
+
+    cfg = recipe("finetune").Config
+    assert _normalise(["--allow-code-execution", "--chat-template", "none", "--train.n-train", "4"], cfg) == [
+        "--allow_code_execution=true", "--chat_template", "none", "--train.n_train", "4"]
+    assert _normalise(["--progress", "false"], cfg) == ["--progress", "false"]
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    assert "--chat-template" in text and "--allow-code-execution" in text and "--chat_template" not in text
+    out = tmp_path / "p"
+    assert main(["finetune", "--chat-template", "sometimes", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sometimes" in err and len(err.strip().splitlines()) == 1 and not out.exists()

@@ -6,7 +6,8 @@ dataclasses; and it is what litgpt uses for the same job. (typer and click would
 
 Every recipe command takes ``--config FILE``, ``--out DIR`` (default ``runs/NAME``), ``--quick`` (the recipe's
 named small preset), ``--overwrite`` / ``--resume`` (an existing run is otherwise refused) and ``--debug``; the
-remaining options are the fields of the recipe's ``Config``. A list option takes ``0,1,2`` or ``[0, 1, 2]``. The
+remaining options are the fields of the recipe's ``Config`` (``--chat-template`` and ``--chat_template`` are the same
+option). A list option takes ``0,1,2`` or ``[0, 1, 2]``. The
 resolved config that actually ran is written to ``DIR/config.yaml``, which ``--config`` reads back.
 Only the chosen recipe is imported, so ``--help`` stays fast.
 """
@@ -37,37 +38,65 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _list_options(cls: type, prefix: str = "") -> set[str]:
-    """The flags of ``cls``'s fields whose type is a tuple or list (they accept ``a,b,c``)."""
-    out: set[str] = set()
+def _typed_flags(cls: type, prefix: str = "") -> tuple[set[str], set[str]]:
+    """The flags of ``cls``'s fields whose type is a tuple or list (they take ``a,b,c``) and those that are booleans
+    (a bare flag means true)."""
+    lists: set[str] = set()
+    bools: set[str] = set()
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         kind = hints[f.name]
         if is_dataclass(kind):
-            out |= _list_options(kind, f"{prefix}{f.name}.")
+            sub_lists, sub_bools = _typed_flags(kind, f"{prefix}{f.name}.")
+            lists, bools = lists | sub_lists, bools | sub_bools
         elif typing.get_origin(kind) in (tuple, list):
-            out.add(f"--{prefix}{f.name}")
-    return out
+            lists.add(f"--{prefix}{f.name}")
+        elif kind is bool:
+            bools.add(f"--{prefix}{f.name}")
+    return lists, bools
 
 
-def _bracket_lists(argv: list[str], list_flags: set[str]) -> list[str]:
-    """``--seeds 0,1,2`` -> ``--seeds [0,1,2]`` (jsonargparse reads lists in YAML's flow syntax)."""
+def _normalise(argv: list[str], cls: type | None = None) -> list[str]:
+    """Rewrite the command line into jsonargparse's terms: ``--chat-template x`` -> ``--chat_template x`` (fields
+    are Python names), ``--seeds 0,1,2`` -> ``--seeds [0,1,2]`` (lists in YAML's flow syntax) and a bare boolean
+    flag ``--allow-code-execution`` -> ``--allow_code_execution=true``."""
+    lists, bools = _typed_flags(cls) if cls is not None else (set(), set())
+    argv = [a.partition("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.partition("=")[0]):]
+            if a.startswith("--") else a for a in argv]
     out: list[str] = []
     for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
-        if eq and flag in list_flags and not value.startswith("["):
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if eq and flag in lists and not value.startswith("["):
             arg = f"{flag}=[{value}]"
-        elif i and argv[i - 1] in list_flags and not arg.startswith(("[", "--")):
+        elif i and argv[i - 1] in lists and not arg.startswith(("[", "--")):
             arg = f"[{arg}]"
+        elif not eq and arg in bools and following.lower() not in ("true", "false"):
+            arg = f"{arg}=true"
         out.append(arg)
     return out
+
+
+def _help_formatter():
+    from jsonargparse import DefaultHelpFormatter
+
+    class DashedHelp(DefaultHelpFormatter):
+        """Shows ``--chat-template`` for the field ``chat_template``."""
+
+        def _format_action_invocation(self, action):
+            return super()._format_action_invocation(action).replace("_", "-")
+
+        def _format_usage(self, *args, **kwargs):
+            return super()._format_usage(*args, **kwargs).replace("_", "-")
+
+    return DashedHelp
 
 
 def _parser(name: str, module):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=f"spectral-peft {name}", description=(module.__doc__ or "").strip(),
-                            exit_on_error=False, default_env=False)
+                            exit_on_error=False, default_env=False, formatter_class=_help_formatter())
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config (e.g. a run's config.yaml).")
     parser.add_argument("--out", type=str, default=f"runs/{name}", help="The run directory.")
     parser.add_argument("--quick", action="store_true", help="The recipe's small preset: " +
@@ -86,7 +115,7 @@ def run_recipe(name: str, argv: list[str]) -> int:
         parser = _parser(name, module)
         if "--quick" in argv:
             parser.set_defaults(module.QUICK)
-        ns = parser.parse_args(_bracket_lists(argv, _list_options(module.Config)))
+        ns = parser.parse_args(_normalise(argv, module.Config))
         if ns.overwrite and ns.resume:
             raise ValueError("give --overwrite or --resume, not both")
         options = ns.clone()
@@ -175,10 +204,10 @@ def run_tool(name: str, argv: list[str]) -> int:
     debug = "--debug" in argv
     try:
         parser = ArgumentParser(prog=f"spectral-peft {name}", description=fn.__doc__.split("\n\n")[0],
-                                exit_on_error=False)
+                                exit_on_error=False, formatter_class=_help_formatter())
         parser.add_argument("--debug", action="store_true", help="Show the traceback of an unexpected error.")
         parser.add_function_arguments(fn, as_group=False)
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(_normalise(argv))
         ns.pop("debug", None)
         fn(**ns.as_dict())
     except SystemExit:

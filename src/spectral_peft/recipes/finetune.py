@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..data import check_task_spec, load_task
+from ..data.chat import check_chat_mode
 from ..evaluation import skill_accuracy
 from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_model_name, seed_everything
@@ -68,6 +69,7 @@ class Config:
     def validate(self) -> None:
         parse_method(self.method, self.defaults())
         check_task_spec(self.task, allow_code_execution=self.allow_code_execution)
+        check_chat_mode(self.chat_template)
         check_model_name(self.model)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
