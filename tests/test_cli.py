@@ -41,7 +41,7 @@ def test_help_is_generated_from_the_config(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     cfg = recipe("finetune").Config()
-    for flag in ("--method", "--task", "--model", "--seed", "--train.lr", "--chat_template", "--quick", "--config",
+    for flag in ("--method", "--task", "--model", "--seed", "--train.lr", "--chat-template", "--quick", "--config",
                  "--overwrite", "--resume", "--out"):
         assert flag in text
     assert f"default: {cfg.method}" in text and "method spec" in text  # default and help from the dataclass
