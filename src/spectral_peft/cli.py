@@ -99,8 +99,8 @@ def _parser(name: str, module):
                             exit_on_error=False, default_env=False, formatter_class=_help_formatter())
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config (e.g. a run's config.yaml).")
     parser.add_argument("--out", type=str, default=f"runs/{name}", help="The run directory.")
-    parser.add_argument("--quick", action="store_true", help="The recipe's small preset: " +
-                        ", ".join(f"{k}={v}" for k, v in module.QUICK.items()) + ".")
+    preset = ", ".join(f"{k}={v}" for k, v in module.QUICK.items()) or "none (this recipe has no sizes)"
+    parser.add_argument("--quick", action="store_true", help=f"The recipe's small preset: {preset}.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory of ours.")
     parser.add_argument("--resume", action="store_true", help="Continue an interrupted run (done units are kept).")
     parser.add_argument("--debug", action="store_true", help="Show the traceback of an unexpected error.")
