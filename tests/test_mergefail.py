@@ -1,4 +1,5 @@
-"""MergeFail: deterministic sampling, the fail rule on a hand-built world, caching, pairing, exact restore."""
+"""MergeFail: deterministic sampling, the fail rule on a hand-built world, distinct evaluations (cached, counted and
+resampled once), pairing, exact restore."""
 
 import json
 from collections import Counter
@@ -124,23 +125,37 @@ def test_given_single_scores_and_input_checks():
     assert MERGEFAIL_SEEDS == (42, 100, 2024)
 
 
-def test_summary_pairs_methods_and_round_trips_json():
+def distinct(seeds, t, n=20):
+    """Distinct subsets per seed at size ``t``, from the sampler alone (independent of the result's bookkeeping)."""
+    return {s: set(sample_instances(TASKS, t, n, s)) for s in seeds}
+
+
+def test_summary_counts_distinct_evaluations_pairs_methods_and_round_trips_json():
     bad, _ = run(harm=1.0, method="bad", seeds=MERGEFAIL_SEEDS)
     good, _ = run(harm=0.0, method="good", seeds=MERGEFAIL_SEEDS)
     bad = MergeFailResult.from_dict(json.loads(json.dumps(bad.to_dict())))
-    summary = summarize([bad, good], seed=1)
-    assert summary == summarize([bad, good], seed=1)
+    summary = summarize([good, bad], seed=1)
+    assert summary == summarize([good, bad], seed=1)
     rate = {(r.method, r.operator, r.t): r for r in summary.rates}
-    for t in (2, 3):
+    for t in (2, 3, 4):
+        subsets = distinct(MERGEFAIL_SEEDS, t)
+        with_d_distinct = [("d" in x) for s in MERGEFAIL_SEEDS for x in subsets[s]]
         r = rate["bad", "sum", t]
-        assert r.n == 60 and r.rate.estimate == pytest.approx(with_d(MERGEFAIL_SEEDS, t))
-        assert r.rate.low < r.rate.estimate < r.rate.high
-        assert rate["good", "ties", t].rate.high == 0.0
-    diff = {(d.method_a, d.method_b, d.operator, d.t): d.difference for d in summary.differences}
-    assert set(diff) == {("bad", "good", op, t) for op in ("sum", "ties") for t in (2, 3, 4)}
+        assert r.n == 60 and r.n_distinct == sum(map(len, subsets.values())) == r.n_used
+        assert r.rate.estimate == pytest.approx(np.mean(with_d_distinct))  # distinct evaluations, not draws
+        assert rate["good", "ties", t].rate.estimate == 0.0
+    assert rate["bad", "sum", 4].n_distinct == 3  # 20 draws per seed of the one full set: one evaluation per seed
+    pooled = rate["bad", "sum", None]
+    assert pooled.n == 180 and pooled.n_distinct == sum(rate["bad", "sum", t].n_distinct for t in (2, 3, 4))
+    assert pooled.rate.method == "hierarchical-bootstrap" and pooled.rate.low < pooled.rate.estimate < pooled.rate.high
+    diff = {(d.method, d.reference, d.operator, d.t): d.difference for d in summary.differences}
+    assert set(diff) == {("bad", "good", op, t) for op in ("sum", "ties") for t in (2, 3, 4, None)}
     # "good" never fails, so the paired difference has the same bootstrap distribution as "bad"'s rate.
-    d, r = diff["bad", "good", "sum", 2], rate["bad", "sum", 2].rate
+    d, r = diff["bad", "good", "sum", None], pooled.rate
     assert (d.estimate, d.low, d.high) == pytest.approx((r.estimate, r.low, r.high))
+    retention = {(x.method, x.operator): x.retention for x in summary.retention}
+    assert retention["good", "sum"].estimate == retention["good", "sum"].high == 1.0
+    assert retention["bad", "sum"].estimate < 1.0
     json.dumps(summary.to_dict())
     fig = plot_mergefail(summary)
     assert len(fig.axes[0].get_legend().get_texts()) == 4
@@ -149,6 +164,21 @@ def test_summary_pairs_methods_and_round_trips_json():
         summarize([bad, other])
     with pytest.raises(ValueError, match="unique"):
         summarize([bad, bad])
+
+
+def test_ragged_seeds_keep_their_first_distinct_draws():
+    seeds, n = (42, 100, 2024), 3
+    result, _ = run(harm=1.0, seeds=seeds, n_merge=n)
+    for t in (2, 3):
+        table, drawn, n_distinct = result.table("sum", (t,))
+        firsts = {s: list(dict.fromkeys(sample_instances(TASKS, t, n, s))) for s in seeds}
+        m = min(map(len, firsts.values()))
+        assert drawn == n * len(seeds) and n_distinct == sum(map(len, firsts.values()))
+        assert [[i.tasks for i in row] for row in table] == [firsts[s][:m] for s in seeds]
+    rate = next(r for r in summarize([result]).rates if r.operator == "sum" and r.t is None)
+    assert rate.n_used == len(seeds) * sum(min(len(set(sample_instances(TASKS, t, n, s))) for s in seeds)
+                                           for t in (2, 3, 4))
+    assert rate.n_used < rate.n_distinct
 
 
 def test_applied_deltas_restores_on_error():

@@ -4,21 +4,31 @@ Single-task adapters are trained with seeds {42, 100, 2024}. For each merge size
 instances are drawn: a task subset of size ``t``, uniformly without replacement, with that seed's adapter for each
 task. The adapters' updates are merged (``sum`` = task arithmetic, or ``ties``; ``merging.merge_deltas``) and written
 into the base model. An instance fails if the merged model's score on ANY task ``j`` of the subset is below
-``tau * s_j``, where ``s_j`` is the score of task ``j``'s own adapter (same seed) alone, ``tau = 0.9``.
-The fail rate at ``t`` pools the ``n_merge * n_seeds`` instances; its 95% CI is a percentile bootstrap over
-instances. Methods are compared on identical instances (sampling depends only on the tasks, ``t``, ``n`` and the
-seed), so :func:`summarize` resamples instances jointly across methods and operators and also reports the CI of
-each difference of fail rates.
+``tau * s_j``, where ``s_j`` is the score of task ``j``'s own adapter (same seed) alone, ``tau = 0.9``. (A task whose
+adapter scores 0 cannot fail: ``x < tau * 0`` is false.)
+
+Distinct evaluations. Instances are independent draws, so a subset recurs (at ``t = T`` all ``n_merge`` draws are the
+one full set): the same (seed, subset, operator) is ONE merged model and one evaluation, however often it is drawn.
+Every statistic therefore counts distinct evaluations: ``n`` is the number of draws, ``n_distinct`` the number of
+distinct evaluations among them, and the intervals resample distinct evaluations, never duplicates.
+
+Statistics (all from ``evaluation.stats``). For one method, operator and set of merge sizes (one ``t``, or all of
+them pooled), the distinct evaluations form a ``[seeds, instances]`` table, each seed's instances in the order of
+their first draw. Seeds can hold different numbers of distinct instances; to keep the table rectangular each seed
+then keeps its first ``m`` at every ``t``, ``m`` the smallest count over seeds (the first ``m`` distinct subsets of
+a uniform draw sequence are a uniform sample of ``m`` subsets, so nothing is biased); ``n_used`` says how many
+entered. The fail rate's CI is ``proportion_ci`` (Wilson with one seed, otherwise the hierarchical bootstrap over
+seeds, then instances). The sampling depends only on the tasks, ``t``, ``n_merge`` and the seed, so every method
+holds the same instances and a method difference is ``paired_difference_ci`` on the identical tables. Retention
+(``mean over the subset's tasks of merged score / single score``, tasks whose single score is 0 skipped) is a graded
+view of the same instances, with ``bootstrap_ci``.
 
 Fixed where the papers are silent: instance ``i`` of seed ``s`` at size ``t`` comes from
-``numpy.random.default_rng([s, t])`` over the sorted task names; instances are independent draws, so a subset can
-recur (always at ``t = T``), and each distinct (seed, subset, operator) is merged and evaluated once; the sum merge
-uses weight 1 per adapter; the bootstrap resamples the pooled instances, not stratified by seed.
+``numpy.random.default_rng([s, t])`` over the sorted task names; the sum merge uses weight 1 per adapter.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -29,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..merging import MERGE_OPERATORS, applied_deltas, merge_deltas
-from .stats import CI, joint_bootstrap
+from .stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
 
 MERGEFAIL_SEEDS = (42, 100, 2024)
 
@@ -54,7 +64,7 @@ def sample_instances(tasks: Sequence[str], t: int, n: int, seed: int) -> list[tu
 
 @dataclass(frozen=True)
 class MergeInstance:
-    """One merged instance: the subset, the merged model's scores, the single-adapter scores, and the verdict."""
+    """One drawn instance: the subset, the merged model's per-task scores, the single-adapter scores, the verdict."""
 
     seed: int
     t: int
@@ -66,13 +76,21 @@ class MergeInstance:
     failed: bool
 
     @property
-    def key(self) -> tuple:
-        return self.seed, self.t, self.index, self.tasks, self.operator
+    def evaluation(self) -> tuple:
+        """What identifies the merged model: instances with the same (seed, subset, operator) are one evaluation."""
+        return self.seed, self.tasks, self.operator
+
+    @property
+    def retention(self) -> float:
+        """``mean over the subset's tasks of merged / single score`` (tasks with a single score of 0 skipped; 1 if
+        all are)."""
+        kept = [self.scores[t] / self.single[t] for t in self.tasks if self.single[t] > 0]
+        return float(np.mean(kept)) if kept else 1.0
 
 
 @dataclass
 class MergeFailResult:
-    """All instances of one method's MergeFail run."""
+    """All drawn instances of one method's MergeFail run (duplicates included, in draw order)."""
 
     method: str
     tau: float
@@ -84,14 +102,33 @@ class MergeFailResult:
     instances: list[MergeInstance] = field(default_factory=list)
 
     def flags(self, operator: str, t: int) -> np.ndarray:
-        """Fail indicators (0/1) at ``(operator, t)``, ordered by (seed, index)."""
-        rows = sorted((i for i in self.instances if i.operator == operator and i.t == t), key=lambda i: i.key)
+        """Fail indicators (0/1) of every drawn instance at ``(operator, t)``, in draw order (seed, index)."""
+        rows = [i for i in self.instances if i.operator == operator and i.t == t]
         if not rows:
             raise ValueError(f"{self.method}: no instances for operator {operator!r} at t={t}")
         return np.array([float(i.failed) for i in rows])
 
-    def instance_keys(self, operator: str, t: int) -> list[tuple]:
-        return sorted(i.key for i in self.instances if i.operator == operator and i.t == t)
+    def table(self, operator: str, sizes: Sequence[int]) -> tuple[list[list[MergeInstance]], int, int]:
+        """``(table, n, n_distinct)``: the ``[seeds, instances]`` table of distinct evaluations at ``sizes`` (module
+        docstring: first draws, ``m`` per seed and size), the number of draws and of distinct evaluations."""
+        table: list[list[MergeInstance]] = [[] for _ in self.seeds]
+        n = n_distinct = 0
+        for t in sizes:
+            firsts: list[list[MergeInstance]] = []
+            for s in self.seeds:
+                rows = [i for i in self.instances if i.operator == operator and i.t == t and i.seed == s]
+                if not rows:
+                    raise ValueError(f"{self.method}: no instances for operator {operator!r} at t={t}, seed {s}")
+                n += len(rows)
+                first: dict[tuple, MergeInstance] = {}
+                for i in rows:
+                    first.setdefault(i.evaluation, i)
+                firsts.append(list(first.values()))
+                n_distinct += len(firsts[-1])
+            m = min(map(len, firsts))
+            for row, kept in zip(table, firsts):
+                row.extend(kept[:m])
+        return table, n, n_distinct
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,7 +166,7 @@ def mergefail(
     density: float = 0.2,
     progress: bool = True,
 ) -> MergeFailResult:
-    """Run MergeFail for one method (see the module docstring).
+    """Run MergeFail for one method (see the module docstring); each distinct evaluation is merged and scored once.
 
     ``deltas_by_seed_task[seed][task]``: that adapter's ``{module: dW}`` (``merging.adapter_deltas``).
     ``single_scores[seed][task]``: the adapter's own score on its task; ``None`` evaluates each adapter alone.
@@ -154,16 +191,17 @@ def mergefail(
             raise ValueError(f"single-adapter scores missing for seed {s}, task(s) {absent}")
     plan = [(s, t, i, subset, op) for s in seeds for t in sizes
             for i, subset in enumerate(sample_instances(tasks, t, n_merge, s)) for op in operators]
-    cache: dict[tuple, dict[str, float]] = {}
+    distinct = list(dict.fromkeys((s, subset, op) for s, _, _, subset, op in plan))
+    scores: dict[tuple, dict[str, float]] = {}
+    for s, subset, op in tqdm(distinct, desc=f"merged evaluations {method}", disable=not progress):
+        merged = merge_deltas([deltas_by_seed_task[s][task] for task in subset], how=op, density=density)
+        scores[s, subset, op] = _evaluate_with(base_model, merged, evaluate, subset)
     result = MergeFailResult(method, tau, n_merge, density, seeds, sizes, tuple(operators))
-    for s, t, i, subset, op in tqdm(plan, desc=f"mergefail {method}", disable=not progress):
-        if (s, subset, op) not in cache:
-            merged = merge_deltas([deltas_by_seed_task[s][task] for task in subset], how=op, density=density)
-            cache[s, subset, op] = _evaluate_with(base_model, merged, evaluate, subset)
-        scores = cache[s, subset, op]
+    for s, t, i, subset, op in plan:
         single = {task: float(single_scores[s][task]) for task in subset}
-        failed = any(scores[task] < tau * single[task] for task in subset)
-        result.instances.append(MergeInstance(s, t, i, subset, op, scores, single, failed))
+        merged_scores = scores[s, subset, op]
+        failed = any(merged_scores[task] < tau * single[task] for task in subset)
+        result.instances.append(MergeInstance(s, t, i, subset, op, merged_scores, single, failed))
     return result
 
 
@@ -175,70 +213,97 @@ def _evaluate_with(model: nn.Module, deltas: Deltas, evaluate: Callable[[nn.Modu
 
 @dataclass(frozen=True)
 class FailRate:
-    """Fail rate of one (method, operator) at merge size ``t`` over ``n`` instances, with its bootstrap CI."""
+    """Fail rate of one (method, operator) at merge size ``t`` (``None``: all sizes pooled): ``n`` draws holding
+    ``n_distinct`` distinct evaluations, of which ``n_used`` entered the ``[seeds, instances]`` table and the CI."""
 
     method: str
     operator: str
-    t: int
+    t: int | None
     n: int
+    n_distinct: int
+    n_used: int
     rate: CI
 
 
 @dataclass(frozen=True)
-class FailRateDifference:
-    """``rate(method_a) - rate(method_b)`` on the same instances, with its paired-bootstrap CI."""
+class Difference:
+    """``value(method) - value(reference)`` on the identical distinct instances (``t = None``: all sizes pooled),
+    with its paired CI."""
 
-    method_a: str
-    method_b: str
+    method: str
+    reference: str
     operator: str
-    t: int
+    t: int | None
     difference: CI
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Mean retention (:attr:`MergeInstance.retention`) of one (method, operator) over the distinct instances of all
+    sizes, with its bootstrap CI."""
+
+    method: str
+    operator: str
+    n_used: int
+    retention: CI
 
 
 @dataclass
 class MergeFailSummary:
+    """Fail rates per size and pooled, their differences from the reference (the first method), and retention."""
+
     rates: list[FailRate]
-    differences: list[FailRateDifference]
+    differences: list[Difference]
+    retention: list[Retention]
+    retention_differences: list[Difference]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _tables(results: Sequence[MergeFailResult], operator: str, sizes: Sequence[int]):
+    """Each result's distinct table at ``sizes``, checked to hold the same instances (so that they can be paired)."""
+    tables = [r.table(operator, sizes) for r in results]
+    keys = [[[(i.evaluation, i.t) for i in row] for row in table] for table, _, _ in tables]
+    if any(k != keys[0] for k in keys[1:]):
+        raise ValueError(f"the results hold different instances at t={list(sizes)} ({operator}); they cannot be paired")
+    return tables
+
+
 def summarize(results: Sequence[MergeFailResult], confidence: float = 0.95, n_resamples: int = 9999,
               seed: int = 0) -> MergeFailSummary:
-    """Fail rates with percentile-bootstrap CIs, and paired CIs of every difference between methods.
-
-    At each ``t`` one joint bootstrap resamples the instances for all methods and operators together, so rates and
-    differences come from the same resamples. All results must hold the same instances.
-    """
+    """Fail rates (at each ``t`` and pooled over all ``t``) over distinct evaluations, each method's paired
+    difference from the first (the reference), and pooled retention; see the module docstring for the statistics.
+    All results must come from the same seeds, sizes, operators and ``n_merge``, i.e. hold the same instances."""
     if not results:
         raise ValueError("summarize needs at least one MergeFail result")
     names = [r.method for r in results]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
-    first = results[0]
+    ref = results[0]
     for r in results[1:]:
-        if (r.seeds, r.sizes, r.operators, r.n_merge) != (first.seeds, first.sizes, first.operators, first.n_merge):
-            raise ValueError(f"{r.method} and {first.method} were run with different seeds, sizes, operators or n_merge")
-    rates, differences = [], []
-    for t in first.sizes:
-        columns = {}
-        for op in first.operators:
-            keys = first.instance_keys(op, t)
-            if any(r.instance_keys(op, t) != keys for r in results):
-                raise ValueError(f"the results hold different instances at t={t} ({op}); they cannot be paired")
-            for r in results:
-                columns[r.method, op] = r.flags(op, t)
-            for a, b in itertools.combinations(results, 2):
-                columns[a.method, b.method, op] = a.flags(op, t) - b.flags(op, t)
-        cis = joint_bootstrap({repr(k): v for k, v in columns.items()}, confidence, n_resamples, seed + t)
-        for key, values in columns.items():
-            ci = cis[repr(key)]
-            if len(key) == 2:
-                rates.append(FailRate(key[0], key[1], t, len(values), ci))
-            else:
-                differences.append(FailRateDifference(key[0], key[1], key[2], t, ci))
-    return MergeFailSummary(rates, differences)
+        if (r.seeds, r.sizes, r.operators, r.n_merge) != (ref.seeds, ref.sizes, ref.operators, ref.n_merge):
+            raise ValueError(f"{r.method} and {ref.method} were run with different seeds, sizes, operators or n_merge")
+    out = MergeFailSummary([], [], [], [])
+    for op in ref.operators:
+        for t in [*ref.sizes, None]:
+            tables = _tables(results, op, ref.sizes if t is None else (t,))
+            flags = [np.array([[float(i.failed) for i in row] for row in table]) for table, _, _ in tables]
+            for r, (_, n, n_distinct), f in zip(results, tables, flags):
+                out.rates.append(FailRate(r.method, op, t, n, n_distinct, f.size,
+                                          proportion_ci(f, confidence, n_resamples, seed)))
+            for r, f in zip(results[1:], flags[1:]):
+                out.differences.append(Difference(r.method, ref.method, op, t,
+                                                  paired_difference_ci(f, flags[0], confidence, n_resamples, seed)))
+            if t is None:
+                kept = [np.array([[i.retention for i in row] for row in table]) for table, _, _ in tables]
+                out.retention += [Retention(r.method, op, k.size, bootstrap_ci(k, confidence, n_resamples, seed))
+                                  for r, k in zip(results, kept)]
+                out.retention_differences += [
+                    Difference(r.method, ref.method, op, None,
+                               paired_difference_ci(k, kept[0], confidence, n_resamples, seed))
+                    for r, k in zip(results[1:], kept[1:])]
+    return out
 
 
 def plot_mergefail(summary: MergeFailSummary, title: str = "MergeFail") -> Figure:
@@ -247,7 +312,8 @@ def plot_mergefail(summary: MergeFailSummary, title: str = "MergeFail") -> Figur
     ax = fig.subplots()
     groups: dict[tuple[str, str], list[FailRate]] = {}
     for rate in summary.rates:
-        groups.setdefault((rate.method, rate.operator), []).append(rate)
+        if rate.t is not None:
+            groups.setdefault((rate.method, rate.operator), []).append(rate)
     styles = {op: style for op, style in zip(MERGE_OPERATORS, ("-", "--"))}
     for (method, op), rows in groups.items():
         rows = sorted(rows, key=lambda r: r.t)
