@@ -9,7 +9,7 @@ from helpers import tiny_model
 
 from spectral_peft import HiPLoRAConfig, get_peft_model
 from spectral_peft.evaluation.interference import (
-    Degradation, interference_table, parse_module_name, plot_interference, pretraining_degradation,
+    Degradation, InterferenceRow, interference_table, parse_module_name, plot_interference, pretraining_degradation,
     spectral_interference,
 )
 from spectral_peft.merging import adapter_deltas
@@ -44,6 +44,30 @@ def test_update_orthogonal_to_the_top_k_subspace_leaves_it_fixed():
     assert out.energy_fraction == pytest.approx(0.0, abs=1e-12)
     assert out.left_angle_max < 1e-7 and out.right_angle_max < 1e-7
     assert out.sv_rel_change < 1e-12
+
+
+def test_subspace_invariance_on_planted_updates():
+    """invariance = ||(I - U_k U_k^T)(W + dW) V_k||_F / ||(W + dW) V_k||_F: 0 for updates that keep span(U_k)
+    invariant (inside the top-k block, or in the complement on both sides), a known value for a planted leak."""
+    U, S, V, W = spectral_matrix()
+    k, r0 = 3, len(S)
+    g = torch.Generator().manual_seed(4)
+    inside = U[:, :k] @ torch.randn(k, k, generator=g, dtype=torch.float64) @ V[:, :k].T
+    out = spectral_interference(W, inside, k)
+    assert out.energy_fraction == pytest.approx(1.0, abs=1e-12) and out.invariance < 1e-12
+    outside = U[:, k:] @ (3 * torch.randn(12 - k, r0 - k, generator=g, dtype=torch.float64)) @ V[:, k:].T
+    out = spectral_interference(W, outside, k)
+    assert out.energy_fraction == pytest.approx(0.0, abs=1e-12) and out.invariance < 1e-12
+    # a large block-diagonal update reorders the spectrum: the largest principal angle jumps to pi/2 (the artefact the
+    # drift report avoids), while the invariance stays 0 (up to float64 rounding)
+    assert spectral_interference(W, inside + 5 * outside, k).left_angle_max == pytest.approx(math.pi / 2, abs=1e-9)
+    assert spectral_interference(W, inside + 5 * outside, k).invariance < 1e-12
+    # planted leak eps * u_{k+1} v_1^T: (W + dW) V_k = U_k diag(S_k) + eps u_{k+1} e_1^T
+    eps = 0.7
+    out = spectral_interference(W, eps * torch.outer(U[:, k], V[:, 0]), k)
+    assert out.invariance == pytest.approx(eps / math.sqrt(float(S[:k].pow(2).sum()) + eps ** 2), rel=1e-12)
+    generic = 0.3 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    assert spectral_interference(W, generic, k).invariance > 1e-3
 
 
 def test_small_rotation_angle_is_accurate():
@@ -99,7 +123,9 @@ def test_table_on_a_tiny_llama_with_hiplora_residual_only():
         assert row.metrics.energy_fraction < 1e-10
         assert row.metrics.left_angle_max < 1e-4 and row.metrics.right_angle_max < 1e-4
         assert row.metrics.sv_rel_change < 1e-5
-    json.dumps([r.to_dict() for r in rows])
+    for row in rows:
+        assert row.metrics.invariance < 1e-6  # block-diagonal residual update: span(U_k) stays invariant
+    assert [InterferenceRow.from_dict(json.loads(json.dumps(r.to_dict()))) for r in rows] == rows
     fig = plot_interference({"hiplora": rows, "random": interference_table(
         base, {n: 0.05 * torch.randn_like(d) for n, d in deltas.items()}, k=4)}, metric="left_angle_max")
     assert [line.get_label() for line in fig.axes[0].lines] == ["hiplora", "random"]

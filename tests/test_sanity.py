@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_model
 from torch import nn
 
 from spectral_peft.evaluation.sanity import (
-    correlate, direction_perturbation, lm_loss, spectral_sanity, spread_indices,
+    correlate, correlate_by_matrix, direction_perturbation, lm_loss, spectral_sanity, spread_indices, text_loss,
 )
 
 
@@ -49,13 +50,56 @@ def test_zeroing_under_a_frobenius_loss_gives_perfect_rank_correlation():
     """loss = ||W||_F^2: zeroing sigma_i changes it by exactly -sigma_i^2, monotone in sigma."""
     torch.manual_seed(0)
     model = Frobenius()
-    res = spectral_sanity(model, lambda m: float(m.lin.weight.detach().double().pow(2).sum()), ["lin"], "zero", indices=6)
+    res = spectral_sanity(model, lambda m: float(m.lin.weight.detach().double().pow(2).sum()), ["lin"], "zero",
+                          indices=6)
     assert [e.index for e in res.effects] == list(range(6))
     for e in res.effects:
         assert e.loss_change == pytest.approx(-e.sigma ** 2, rel=1e-5)
     assert res.correlation.spearman_rho == pytest.approx(1.0) and res.correlation.spearman_p < 0.01
     assert res.correlation.pearson_r > 0.9
     json.dumps(res.to_dict())
+
+
+class Block(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.proj = nn.Linear(n_in, n_out, bias=False)
+
+
+@pytest.mark.parametrize("kind,factor", [("flip", -2.0), ("zero", -1.0)])
+def test_planted_direction_is_found(kind, factor):
+    """The loss reads only singular direction 4 of ``1.proj`` (loss = u_4^T W v_4 = sigma_4, a mid-spectrum value):
+    perturbing it changes the loss by exactly factor * sigma_4; every other direction, of either matrix, leaves the
+    loss unchanged (up to float32 rounding of the perturbed weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(6, 8), Block(8, 10))
+    U, S, Vh = torch.linalg.svd(model[1].proj.weight.detach().double(), full_matrices=False)
+    u, v = U[:, 4], Vh[4]
+    res = spectral_sanity(model, lambda m: float(u @ m[1].proj.weight.detach().double() @ v), ["0.proj", "1.proj"],
+                          kind, indices=10, progress=True)
+    assert len(res.effects) == 6 + 8 and res.base_loss == pytest.approx(float(S[4]), rel=1e-6)
+    top = max(res.effects, key=lambda e: abs(e.loss_change))
+    assert (top.module, top.index) == ("1.proj", 4) and top.loss_change == pytest.approx(factor * float(S[4]), rel=1e-5)
+    assert all(abs(e.loss_change) < 1e-5 * abs(top.loss_change) for e in res.effects if e is not top)
+    assert list(correlate_by_matrix(res.effects)) == ["proj"]  # grouped by matrix type across layers
+
+
+def test_text_loss_pads_and_masks():
+    """The padded batch's loss is the token-weighted mean of each text's own loss (padding is masked out)."""
+
+    class Chars:
+        pad_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [1 + ord(c) % 63 for c in text]}
+
+    model, texts = tiny_model(), ["a short one", "a somewhat longer text here"]
+    alone = [text_loss(Chars(), [t])(model) for t in texts]
+    weights = [len(t) - 1 for t in texts]
+    assert text_loss(Chars(), texts)(model) == pytest.approx(np.dot(alone, weights) / sum(weights), rel=1e-5)
+    assert text_loss(Chars(), ["x" * 50], max_length=8)(model) == pytest.approx(text_loss(Chars(), ["x" * 8])(model))
+    with pytest.raises(ValueError, match="two or more tokens"):
+        text_loss(Chars(), ["x"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,13 +3,21 @@
 Spectral interference of an update ``dW`` of ``W = U diag(sigma) V^T`` (methods.md), all in float64:
 
 - top-k energy fraction ``||U_k^T dW V_k||_F^2 / ||dW||_F^2`` (NaN when ``dW = 0``);
+- subspace invariance ``||(I - U_k U_k^T)(W + dW) V_k||_F / ||(W + dW) V_k||_F``: the part of the image of the top-k
+  right singular directions that leaves ``span(U_k)``. It is 0 exactly when ``W + dW`` still maps ``span(V_k)`` into
+  ``span(U_k)`` (the top-k subspace pair is invariant), e.g. for every block-diagonal update ``dW = U_k X V_k^T +
+  U_perp Y V_perp^T``, and it grows continuously with the leakage;
 - principal angles between ``span(U_k)`` of ``W`` and of ``W + dW`` (left), and likewise for ``V_k`` (right), from
   ``scipy.linalg.subspace_angles``, which takes small angles from their sines (Bjorck-Golub), so angles near 0 are
   accurate; rows report the largest and the mean angle, in radians;
 - relative change of the top-k singular values ``||sigma'_k - sigma_k||_2 / ||sigma_k||_2`` and its per-value maximum
   ``max_i |sigma'_i - sigma_i| / sigma_i``.
 
-If ``sigma_k == sigma_{k+1}`` the top-k subspace of ``W`` is not unique and the angles are not meaningful.
+If ``sigma_k == sigma_{k+1}`` the top-k subspace of ``W`` is not unique and the angles are not meaningful. The angles
+are an artefact for block-diagonal updates (HiP-LoRA, OPLoRA): every singular vector of ``W + dW`` then lies in
+``span(U_k)`` or in its complement, so the top-k subspace of ``W + dW`` is ``span(U_k)`` with whole directions swapped
+for orthogonal ones once a singular value of the complement block overtakes one of the top block, and the largest
+angle is 0 or pi/2 by construction. The invariance measure is continuous and is the one to report.
 
 Pretraining degradation (methods.md): the increase in held-out NLL / perplexity and the percentage points lost on
 general tasks (skills, known facts) between a base and an adapted model. The evaluations are callables.
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -27,9 +35,10 @@ import torch
 from matplotlib.figure import Figure
 from scipy.linalg import subspace_angles
 from torch import nn
+from tqdm.auto import tqdm
 
-INTERFERENCE_METRICS = ("energy_fraction", "left_angle_max", "right_angle_max", "left_angle_mean", "right_angle_mean",
-                        "sv_rel_change", "sv_max_rel_change")
+INTERFERENCE_METRICS = ("energy_fraction", "invariance", "left_angle_max", "right_angle_max", "left_angle_mean",
+                        "right_angle_mean", "sv_rel_change", "sv_max_rel_change")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class Interference:
 
     k: int
     energy_fraction: float
+    invariance: float
     left_angle_max: float
     right_angle_max: float
     left_angle_mean: float
@@ -64,9 +74,13 @@ def spectral_interference(W: torch.Tensor, dW: torch.Tensor, k: int) -> Interfer
     d = dW.detach().cpu().to(torch.float64).numpy()
     total = float(np.sum(d * d))
     energy = float(np.sum((U.T @ d @ V) ** 2)) / total if total > 0 else math.nan
+    image = (W.detach().cpu().to(torch.float64).numpy() + d) @ V
+    size = float(np.linalg.norm(image))
+    invariance = float(np.linalg.norm(image - U @ (U.T @ image))) / size if size > 0 else math.nan
     left, right = subspace_angles(U, U2), subspace_angles(V, V2)
-    return Interference(k, energy, float(left.max()), float(right.max()), float(left.mean()), float(right.mean()),
-                        float(np.linalg.norm(S2 - S) / np.linalg.norm(S)), float(np.max(np.abs(S2 - S) / S)))
+    return Interference(k, energy, invariance, float(left.max()), float(right.max()), float(left.mean()),
+                        float(right.mean()), float(np.linalg.norm(S2 - S) / np.linalg.norm(S)),
+                        float(np.max(np.abs(S2 - S) / S)))
 
 
 def parse_module_name(name: str) -> tuple[int | None, str]:
@@ -90,19 +104,27 @@ class InterferenceRow:
     def to_dict(self) -> dict:
         return {"module": self.module, "layer": self.layer, "matrix": self.matrix, **asdict(self.metrics)}
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "InterferenceRow":
+        """The row :meth:`to_dict` wrote (e.g. read back from JSON)."""
+        names = {f.name for f in fields(Interference)}
+        return cls(d["module"], d["layer"], d["matrix"], Interference(**{n: d[n] for n in names}))
 
-def interference_table(base_model: nn.Module, deltas: Mapping[str, torch.Tensor], k: int) -> list[InterferenceRow]:
+
+def interference_table(base_model: nn.Module, deltas: Mapping[str, torch.Tensor], k: int,
+                       progress: bool = False) -> list[InterferenceRow]:
     """Per-module interference of ``{module name: dW}`` (as ``merging.adapter_deltas`` returns) on ``base_model``.
 
     ``base_model`` is the model the adapter was trained on; its weights are read, never changed. ``k`` is capped at
-    each matrix's ``min(m, n)``.
+    each matrix's ``min(m, n)``. ``progress`` shows a bar over the matrices (two float64 SVDs each).
     """
     modules = dict(base_model.named_modules())
     missing = [n for n in deltas if n not in modules or not hasattr(modules[n], "weight")]
     if missing:
         raise ValueError(f"modules {missing} of the update are not weight-carrying modules of the base model")
     rows = []
-    for name in sorted(deltas, key=lambda n: (parse_module_name(n)[0] or -1, n)):
+    names = sorted(deltas, key=lambda n: (parse_module_name(n)[0] or -1, n))
+    for name in tqdm(names, desc="interference", disable=not progress):
         W = modules[name].weight
         layer, matrix = parse_module_name(name)
         rows.append(InterferenceRow(name, layer, matrix, spectral_interference(W, deltas[name], min(k, *W.shape))))
@@ -151,7 +173,8 @@ class Degradation:
         if set(self.scores_base) != set(self.scores_adapted):
             raise ValueError(f"base and adapted scores cover different tasks: {sorted(self.scores_base)} vs "
                              f"{sorted(self.scores_adapted)}")
-        bad = sorted({t for scores in (self.scores_base, self.scores_adapted) for t, s in scores.items() if not 0 <= s <= 1})
+        bad = sorted({t for scores in (self.scores_base, self.scores_adapted) for t, s in scores.items()
+                      if not 0 <= s <= 1})
         if bad:
             raise ValueError(f"scores must be accuracies in [0, 1]; tasks {bad} are not")
 

@@ -11,7 +11,8 @@ For a matrix ``W = U diag(sigma) V^T`` (float64 SVD) and a singular index ``i``,
 
 The loss change is ``loss(W + dW) - loss(W)`` on a fixed batch; the weights are restored bit-exactly after every
 perturbation. Over all perturbed (module, index) pairs: Pearson correlation of ``|loss change|`` with
-``log(1 + sigma_i)`` and Spearman correlation with ``sigma_i``, each with its two-sided p-value (``scipy.stats``).
+``log(1 + sigma_i)`` and Spearman correlation with ``sigma_i``, each with its two-sided p-value (``scipy.stats``);
+:func:`correlate_by_matrix` gives the same per matrix type (``q_proj``, ``up_proj``, ...).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from scipy import stats
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..merging import applied_deltas
 
@@ -75,6 +77,15 @@ def correlate(sigma: Sequence[float], loss_change: Sequence[float]) -> Correlati
                        float(spearman.pvalue))
 
 
+def correlate_by_matrix(effects: Sequence[DirectionEffect]) -> dict[str, Correlation]:
+    """:func:`correlate` per matrix type (the module name's last component), for each type with at least 3 effects."""
+    groups: dict[str, list[DirectionEffect]] = {}
+    for e in effects:
+        groups.setdefault(e.module.rsplit(".", 1)[-1], []).append(e)
+    return {t: correlate([e.sigma for e in g], [e.loss_change for e in g])
+            for t, g in sorted(groups.items()) if len(g) >= 3}
+
+
 @dataclass(frozen=True)
 class SanityResult:
     """All direction effects of one perturbation kind, the unperturbed loss, and the pooled correlation."""
@@ -104,14 +115,28 @@ def lm_loss(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None)
     return loss
 
 
+def text_loss(tokenizer, texts: Sequence[str], max_length: int = 256) -> Callable[[nn.Module], float]:
+    """:func:`lm_loss` on ``texts``, each tokenised (truncated to ``max_length`` tokens) and right-padded into one
+    batch; padding is masked out of the loss."""
+    enc = [tokenizer(t)["input_ids"][:max_length] for t in texts]
+    if not enc or max(map(len, enc)) < 2:
+        raise ValueError("the loss batch needs at least one text of two or more tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(enc), max(map(len, enc))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(enc):
+        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    return lm_loss(ids, mask)
+
+
 def spectral_sanity(model: nn.Module, loss: Callable[[nn.Module], float], modules: Sequence[str],
                     perturbation: str = "flip", indices: int | Sequence[int] = 16, noise: float = 0.1,
-                    seed: int = 0) -> SanityResult:
+                    seed: int = 0, progress: bool = False) -> SanityResult:
     """Perturb singular directions of each named module one at a time and correlate ``|loss change|`` with sigma.
 
     ``loss(model) -> float`` evaluates a fixed batch (e.g. :func:`lm_loss`). ``indices``: explicit singular indices,
     or a count spread evenly over the spectrum of each matrix. ``seed`` fixes the noise. The model is left exactly as
-    it was (bit for bit).
+    it was (bit for bit). ``progress`` shows a bar over the (module, index) pairs.
     """
     if perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {perturbation!r}; use one of {PERTURBATIONS}")
@@ -119,19 +144,25 @@ def spectral_sanity(model: nn.Module, loss: Callable[[nn.Module], float], module
     missing = [n for n in modules if n not in named or not hasattr(named[n], "weight")]
     if missing:
         raise ValueError(f"modules {missing} are not weight-carrying modules of the model")
+    chosen: dict[str, list[int]] = {}
+    for name in modules:
+        r0 = min(named[name].weight.shape)
+        chosen[name] = spread_indices(r0, indices) if isinstance(indices, int) else list(indices)
+        bad = [i for i in chosen[name] if not 0 <= i < r0]
+        if bad:
+            raise ValueError(f"{name}: singular indices {bad} are out of range 0..{r0 - 1}")
     generator = torch.Generator().manual_seed(seed)
     base = float(loss(model))
     effects = []
+    bar = tqdm(total=sum(map(len, chosen.values())), desc=f"sanity {perturbation}", disable=not progress)
     for name in modules:
         W = named[name].weight.detach().cpu().to(torch.float64)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        chosen = spread_indices(len(S), indices) if isinstance(indices, int) else list(indices)
-        bad = [i for i in chosen if not 0 <= i < len(S)]
-        if bad:
-            raise ValueError(f"{name}: singular indices {bad} are out of range 0..{len(S) - 1}")
-        for i in chosen:
+        for i in chosen[name]:
             dW = direction_perturbation(U, S, Vh.T, i, perturbation, noise, generator)
             with applied_deltas(model, {name: dW}):
                 effects.append(DirectionEffect(name, i, float(S[i]), float(loss(model)) - base))
+            bar.update()
+    bar.close()
     return SanityResult(perturbation, base, effects,
                         correlate([e.sigma for e in effects], [e.loss_change for e in effects]))
