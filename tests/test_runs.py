@@ -114,3 +114,19 @@ def test_abandoned_run_leaves_nothing_unless_it_has_units(tmp_path):
     worked.unit("done", lambda: 1)
     worked.abandon()
     assert (tmp_path / ".b.partial" / "units" / "done.json").exists()  # kept for --resume
+
+
+def test_json_is_strict(tmp_path):
+    from spectral_peft.runs import write_json
+
+    path = write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 2})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [1.0, None],
+                                                                                       "c": 2}
+
+
+def test_units_keep_nan_for_the_recipe(tmp_path):
+    import math
+
+    run = RunDir(tmp_path / "r", "x")
+    assert math.isnan(run.unit("k", lambda: {"v": float("nan")})["v"])
+    assert math.isnan(run.unit("k", lambda: None)["v"])  # read back from disk

@@ -17,6 +17,7 @@ own name only when the run is complete (one ``os.replace``). Both carry a manife
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, is_dataclass
@@ -30,15 +31,27 @@ TOOL = "spectral-peft"
 MODES = ("new", "overwrite", "resume")
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary file, then rename); tensors, paths and objects with
-    ``to_dict`` are converted."""
+def write_json(path: str | Path, obj: Any, strict: bool = True) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary file, then rename); tensors, arrays, paths and objects with
+    ``to_dict`` are converted. ``strict``: NaN or infinite numbers become ``null`` (standard JSON); otherwise they
+    are kept as Python's JSON reads them back (for internal state such as resumable units)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    data = json.loads(json.dumps(obj, default=_json_default))
+    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) if strict else json.dumps(data, indent=2))
     os.replace(tmp, path)
     return path
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | Path) -> Any:
@@ -146,7 +159,7 @@ class RunDir:
         """
         p = self.path / "units" / f"{key}.json"
         if not p.exists():
-            write_json(p, compute())
+            write_json(p, compute(), strict=False)
         return read_json(p)
 
     def abandon(self) -> None:
