@@ -351,7 +351,7 @@ def test_corda_through_peft_with_calibration(input_ids):
     import itertools
 
     from spectral_peft.data import documents
-    from spectral_peft.experiments.inject import calibration_runner
+    from spectral_peft.evaluation.injection import calibration_runner
     from spectral_peft.organism import build_tokenizer, tiny_random_model
 
     tokenizer = build_tokenizer(itertools.islice(documents(seed=1), 200), vocab_size=300)

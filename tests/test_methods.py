@@ -13,6 +13,8 @@ from spectral_peft.probe import Probe
 
 def test_split_and_parse():
     assert split_specs("lora,hiplora:rho=0.5,k=8,oplora") == ["lora", "hiplora:rho=0.5,k=8", "oplora"]
+    assert split_specs("lora,nope,palora:protect=random,fraction=0.2") == ["lora", "nope",
+                                                                          "palora:protect=random,fraction=0.2"]
     s = parse_method("hiplora:mode=penalty,lam=2,p=2,k=4,lr=1e-2")
     assert (s.method, s.budget_mode, s.budget_lambda, s.budget_power, s.k, s.lr) == ("hiplora", "penalty", 2.0, 2.0,
                                                                                      4, 0.01)

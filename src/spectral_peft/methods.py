@@ -171,12 +171,11 @@ def _validate(s: MethodSpec) -> None:
 
 
 def split_specs(text: str) -> list[str]:
-    """``"lora,hiplora:rho=0.5,k=8,oplora"`` -> ``["lora", "hiplora:rho=0.5,k=8", "oplora"]``: a comma starts a new
-    spec when a method name (without ``=``) follows."""
+    """``"lora,hiplora:rho=0.5,k=8,oplora"`` -> ``["lora", "hiplora:rho=0.5,k=8", "oplora"]``: after a comma, a
+    ``key=value`` continues the previous spec's options and anything else starts a new spec."""
     out: list[str] = []
     for part in text.split(","):
-        head = part.split(":", 1)[0].strip().lower()
-        if out and not (head in METHODS and "=" not in part.split(":", 1)[0]):
+        if out and "=" in part.split(":", 1)[0]:
             out[-1] += "," + part
         elif part.strip():
             out.append(part)

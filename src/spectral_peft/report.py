@@ -1,8 +1,8 @@
-"""Markdown reports and matplotlib figures (Agg backend) from the experiments' results.
+"""Figures (matplotlib, Agg backend) and markdown helpers for the recipes' reports.
 
-Figures: the probe ``|z - 1|`` over the singular index for every matrix (small multiples and a heat map), where
-the probe's protected sets sit in the spectrum, SVF training curves, and the recall / skill-retention trade-off of
-the injection methods.
+The probe figures (``|z - 1|`` over the singular index for every matrix, as small multiples and a heat map, and where
+the probe's protected sets sit in the spectrum), SVF training curves, the recall / skill-retention trade-off of the
+injection methods and per-skill bars; then the helpers every recipe shares (markdown tables, intervals, figures).
 """
 
 from __future__ import annotations
@@ -192,136 +192,63 @@ def plot_skill_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def fmt(v: Any, pct: bool = True) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{100 * v:.1f}" if pct else f"{v:.3g}"
-    return str(v)
+# --- shared by every recipe: markdown tables, intervals, figures ------------------------------------------------------
+
+def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of ``rows`` (dicts) over ``columns``; ``None`` prints as an en dash."""
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    cell = lambda v: "–" if v is None else str(v)  # noqa: E731
+    return head + "".join("| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |\n" for r in rows)
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table: ``columns`` is a list of (key, header); values already formatted or formatted by fmt."""
-    head = "| " + " | ".join(h for _, h in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = "\n".join("| " + " | ".join(r[k] if isinstance(r.get(k), str) else fmt(r.get(k)) for k, _ in columns)
-                     + " |" for r in rows)
-    return head + body + "\n"
+def fmt_ci(ci: Any, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """``estimate [low, high]`` of an interval (a :class:`~spectral_peft.evaluation.stats.CI` or its dict), scaled
+    (percent by default)."""
+    d = ci if isinstance(ci, dict) else ci.to_dict()
+    sign = "+" if signed else ""
+    return (f"{d['estimate'] * scale:{sign}.{digits}f} [{d['low'] * scale:{sign}.{digits}f}, "
+            f"{d['high'] * scale:{sign}.{digits}f}]")
 
 
-def svf_report(m: dict[str, Any], figures: Sequence[Path]) -> str:
-    """report.md of an SVF-expert run."""
-    lines = [
-        f"# SVF expert: `{m['skill']}` ({m['objective']})", "",
-        f"- model: `{m['model']}`",
-        f"- validation accuracy: base {fmt(m['base_val_accuracy'])}% -> expert {fmt(m['expert_val_accuracy'])}% "
-        f"(best step {m['best_step']} of {m['steps']}; {m['train_seconds']:.0f} s)",
-        f"- training loss: {m['first_loss']:.3f} (first step) -> {m['last_loss']:.3f} (last step)",
-        f"- parameter overhead: {m['n_z']:,} z entries / {m['n_base_parameters']:,} base parameters = "
-        f"{100 * m['parameter_overhead']:.4f}%", "",
-        "## Figures", "",
-    ]
-    lines += [f"![{f.stem}]({f.as_posix()})" for f in figures]
-    return "\n".join(lines) + "\n"
+def save_figure(fig, path: str | Path) -> str:
+    """Save a matplotlib figure (PNG, 110 dpi) and return its file name, for a report's image link."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
 
 
-METRIC_COLUMNS = [
-    ("method", "method"), ("trainable", "trainable params"), ("recall", "recall %"),
-    ("paraphrase_recall", "paraphrase recall %"), ("highly_known_retention", "HighlyKnown retention %"),
-    ("skills_str", "skills %"), ("mean_skill_retention", "skill retention %"), ("perplexity_str", "perplexity"),
-]
+def plot_loss(losses_by_label: dict[str, Sequence[float]], title: str = "training loss"):
+    """Training loss per step, one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for label, losses in losses_by_label.items():
+        ax.plot(range(1, len(losses) + 1), losses, lw=0.8, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
-def metric_row(method: str, m: dict[str, Any], trainable: int | None = None) -> dict[str, Any]:
-    """A flat row of formatted cells for :data:`METRIC_COLUMNS`."""
-    return {
-        "method": method, "trainable": f"{trainable:,}" if trainable is not None else "–",
-        "recall": m.get("recall"), "paraphrase_recall": m.get("paraphrase_recall"),
-        "highly_known_retention": m.get("highly_known_retention"),
-        "skills_str": " / ".join(f"{k} {fmt(v)}" for k, v in m["skills"].items()),
-        "mean_skill_retention": m.get("mean_skill_retention"),
-        "perplexity_str": f"{m['perplexity']:.3f}" if m.get("perplexity") is not None else "–",
-    }
-
-
-def demo_report(m: dict[str, Any], table_md: str, cfg: Any) -> str:
-    """report.md of the demo."""
-    svf, facts, spread = m["svf"], m["facts"], m["probe_spread"]
-    ret = {n: v.get("mean_skill_retention") for n, v in m["models"].items() if n not in ("base", "svf-expert")}
-    lines = [
-        f"# spectral-peft demo: PALoRA on `{m['model']}` (seed {m['seed']})", "",
-        "## What ran", "",
-        f"1. SVF expert on `{m['skill']}` ({svf['objective']}, {svf['steps']} steps): validation accuracy "
-        f"{fmt(svf['base_val_accuracy'])}% (base) -> {fmt(svf['expert_val_accuracy'])}% (expert, best step "
-        f"{svf['best_step']}). Probe overhead: {m['n_z']:,} z entries / {m['n_base_parameters']:,} base parameters "
-        f"= {100 * m['probe_overhead']:.4f}%.",
-        f"2. Categorised facts on the expert: held-out candidates {facts['categories'].get('heldout_candidates')}, "
-        f"known sample {facts['categories'].get('known_sample')}.",
-        f"3. Injected {facts['n_inject']} Unknown facts ({facts['n_mix']} HighlyKnown mixed in) with "
-        f"{', '.join(m['methods'])}: rank {cfg.adapter.r}, alpha {cfg.adapter.lora_alpha}, targets "
-        f"`{cfg.adapter.targets}`, {cfg.training.epochs} epochs at lr {cfg.training.lr}, batch {cfg.training.batch_size}. "
-        "Every method starts from the same expert.",
-        f"4. Evaluated on {cfg.eval.n_skill} test problems per skill, {facts['n_retain']} HighlyKnown facts held out, "
-        f"and {cfg.eval.n_ppl} held-out documents (perplexity).", "",
-        "## Results", "",
-        "Recall and retention in %; skill retention = mean over skills of score / the SVF expert's score; "
-        "HighlyKnown retention = recall of held-out HighlyKnown facts / the expert's.", "",
-        table_md,
-        "",
-        f"Probe spread: {100 * spread['fraction_in_top_decile']:.0f}% of the probe's protected directions lie in the "
-        f"top decile of the spectrum (mean relative index {spread['mean_relative_index']:.2f}; uniform = 10% and 0.50).",
-        "",
-        "Skill retention >= 95%: " + ", ".join(f"{n} {'yes' if (v or 0) >= 0.95 else 'no'} ({fmt(v)}%)"
-                                                for n, v in ret.items()) + ".",
-        "",
-        f"Wall time: {m['seconds']:.0f} s.", "",
-        "## Figures", "",
-        "![recall vs retention](figures/tradeoff.png)", "",
-        "![skills](figures/skills.png)", "",
-        "![probe over the spectrum](figures/probe_spectrum.png)", "",
-        "![probe heat map](figures/probe_heatmap.png)", "",
-        "![protected-set positions](figures/probe_position.png)", "",
-        "![SVF training](figures/svf_training.png)", "",
-    ]
-    return "\n".join(lines)
-
-
-def _ci(e: Any) -> str:
-    if not e:
-        return "–"
-    if e.get("low") is None:
-        return f"{100 * e['mean']:.1f}"
-    return f"{100 * e['mean']:.1f} [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
-
-
-def study_figures(summary: dict[str, Any], fig_dir: str | Path) -> list[Path]:
-    """The recall / retention trade-off with 95% intervals over seeds."""
-    points = []
-    for name, e in summary["models"].items():
-        if name == "base" or not e.get("recall") or not e.get("mean_skill_retention"):
+def plot_budget_use(logs_by_label: dict[str, Sequence[dict[str, float]]], title: str = "HiP-LoRA budget use"):
+    """``max over layers of R(phi)/eps`` per step (solid) and the mean over layers (dotted), one colour per run; the
+    dashed line is the budget."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, (label, logs) in enumerate(logs_by_label.items()):
+        rows = [r for r in logs if "budget_use_max" in r]
+        if not rows:
             continue
-        r, t = e["recall"], e["mean_skill_retention"]
-        points.append({"method": name, "recall": r["mean"], "retention": t["mean"],
-                       "recall_ci": (r["low"], r["high"]) if r["low"] is not None else None,
-                       "retention_ci": (t["low"], t["high"]) if t["low"] is not None else None})
-    n = max(e["n_seeds"] for e in summary["models"].values())
-    return [plot_tradeoff(points, Path(fig_dir) / "tradeoff.png",
-                          title=f"recall vs skill retention, mean and 95% CI over {n} seeds")]
-
-
-def study_markdown(summary: dict[str, Any], run_dir: str | Path) -> str:
-    """The results table (mean [95% CI] over seeds) of a PALoRA study."""
-    cols = [("method", "method"), ("trainable", "trainable params"), ("recall", "recall %"),
-            ("paraphrase_recall", "paraphrase recall %"), ("highly_known_retention", "HighlyKnown retention %"),
-            ("mean_skill_retention", "skill retention %"), ("skills", "per-skill retention %"),
-            ("perplexity_increase", "perplexity increase")]
-    rows = []
-    for name, e in summary["models"].items():
-        skills = [k[10:] for k in e if k.startswith("retention:")]
-        ppl = e.get("perplexity_increase")
-        rows.append({"method": name, "trainable": f"{e['trainable_parameters']:,}" if e.get("trainable_parameters") is not None else "–",
-                     **{k: _ci(e.get(k)) for k in ("recall", "paraphrase_recall", "highly_known_retention",
-                                                   "mean_skill_retention")},
-                     "skills": " / ".join(f"{s} {100 * e['retention:' + s]['mean']:.0f}" for s in skills
-                                          if e.get("retention:" + s)),
-                     "perplexity_increase": f"{ppl['mean']:+.4f}" if ppl else "–"})
-    return table(rows, cols)
+        colour = f"C{k % 10}"
+        ax.plot([r["step"] for r in rows], [r["budget_use_max"] for r in rows], color=colour, label=f"{label} (max)")
+        ax.plot([r["step"] for r in rows], [r["budget_use_mean"] for r in rows], ":", color=colour,
+                label=f"{label} (mean)")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("R(phi) / eps")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

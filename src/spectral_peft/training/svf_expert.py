@@ -1,0 +1,145 @@
+"""Stage 1 of PALoRA: train an SVF expert on a task and freeze it as a probe of skill-critical singular directions.
+
+SVF scales each singular value of the target matrices, ``W' = U diag(sigma z) V^T``; only ``z`` trains. Objective
+``sft``: cross-entropy on the task's worked solutions (train split). Objective ``reinforce``: greedy rollouts rewarded
++1 / -1 by the task's checker, optionally with a KL penalty to the base. Validation accuracy (greedy, the task's
+checker, on its ``val`` split) is measured every ``eval_every`` steps and at the end, and the trainable state of the
+best validation step is kept. The kept scales become the :class:`~spectral_peft.probe.Probe`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import method_config
+from ..evaluation import skill_accuracy
+from ..methods import TARGETS
+from ..model import get_peft_model
+from ..probe import Probe
+from .loop import TrainConfig, TrainResult, train
+from .objectives import ReinforceObjective, SFTObjective
+
+OBJECTIVES = ("sft", "reinforce")
+PARAMETERISATIONS = ("plain", "sigmoid")
+
+
+@dataclass
+class SVFSettings:
+    """Sizes and schedule of an SVF expert.
+
+    Attributes:
+        n_train: training examples of the task (train split).
+        n_val: validation examples (val split), scored every eval_every steps; the best step is kept.
+        epochs: passes over the training examples.
+        lr: AdamW learning rate (cosine decay after 5% warm-up).
+        batch_size: examples per step.
+        eval_every: validate every so many steps (and at the end).
+        kl_coef: KL penalty to the base model (reinforce objective only).
+        parameterisation: SVF's scale, plain (z = 1 + delta) or sigmoid (Transformer-squared's).
+        targets: the matrices SVF scales, mlp or all-linear.
+        max_new_tokens: generation budget when validating and in rollouts (a task's own budget, if smaller, wins).
+    """
+
+    n_train: int = 1024
+    n_val: int = 64
+    epochs: int = 1
+    lr: float = 5e-3
+    batch_size: int = 16
+    eval_every: int = 16
+    kl_coef: float = 0.0
+    parameterisation: str = "plain"
+    targets: str = "mlp"
+    max_new_tokens: int = 96
+
+    def validate(self) -> None:
+        if min(self.n_train, self.n_val, self.epochs, self.batch_size, self.eval_every, self.max_new_tokens) < 1:
+            raise ValueError("svf sizes (n_train, n_val, epochs, batch_size, eval_every, max_new_tokens) must be >= 1")
+        if not self.lr > 0 or self.kl_coef < 0:
+            raise ValueError(f"svf lr must be > 0 and kl_coef >= 0, got lr={self.lr}, kl_coef={self.kl_coef}")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"unknown parameterisation {self.parameterisation!r}; choose from "
+                             f"{', '.join(PARAMETERISATIONS)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"svf targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+
+
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+
+
+@dataclass
+class SVFExpert:
+    """A trained expert: the wrapped model (kept state), its probe, the training history, and the per-example
+    validation outcomes of the base and of the kept expert."""
+
+    model: nn.Module
+    probe: Probe
+    history: TrainResult
+    base_val_correct: list[float]
+    val_correct: list[float]
+
+    @property
+    def singular_values(self) -> dict[str, torch.Tensor]:
+        """``sigma`` of every scaled matrix (for the probe figures)."""
+        return {n: layer.S.detach().cpu() for n, layer in self.model.spectral_layers().items()}
+
+    def metrics(self, n_base_parameters: int) -> dict[str, Any]:
+        """Headline numbers: validation accuracies, steps, losses and the probe's size and overhead."""
+        h = self.history
+        n_z = self.probe.num_parameters()
+        return {"base_val_accuracy": _mean(self.base_val_correct), "expert_val_accuracy": _mean(self.val_correct),
+                "best_step": h.best_step, "steps": h.steps, "train_seconds": h.seconds, "first_loss": h.losses[0],
+                "last_loss": h.losses[-1], "n_z": n_z, "n_base_parameters": n_base_parameters,
+                "parameter_overhead": n_z / n_base_parameters}
+
+    def save(self, directory: str | Path) -> None:
+        """``probe/`` and ``adapter/`` (the SVF adapter) under ``directory``."""
+        directory = Path(directory)
+        self.probe.save(directory / "probe")
+        self.model.save_pretrained(directory / "adapter")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def train_svf_expert(base: nn.Module, tokenizer, task, settings: SVFSettings, objective: str = "sft", seed: int = 0,
+                     meta: dict[str, Any] | None = None, progress: bool = True) -> SVFExpert:
+    """Train an SVF expert on ``task`` from ``base`` (wrapped in place) and freeze its probe (``meta`` is recorded
+    in it, with the validation accuracies)."""
+    settings.validate()
+    check_objective(objective)
+    train_ex = task.examples("train", n=settings.n_train, seed=seed)
+    val_ex = task.examples("val", n=settings.n_val, seed=seed)
+    budget = min(settings.max_new_tokens, getattr(task, "max_new_tokens", settings.max_new_tokens))
+    val_outcomes: list[list[float]] = []
+
+    def validate(model, show: bool = False) -> dict[str, float]:
+        res = skill_accuracy(model, tokenizer, task, examples=val_ex, max_new_tokens=budget, progress=show)
+        val_outcomes.append([float(c) for c in res.correct])
+        return {"score": res.accuracy, "accuracy": res.accuracy}
+
+    validate(base, show=progress)
+    base_val = val_outcomes.pop()
+    model = get_peft_model(base, method_config("svf", parameterisation=settings.parameterisation,
+                                               target_modules=TARGETS[settings.targets]), progress=progress)
+    cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
+                      schedule="cosine", warmup_ratio=0.05, eval_every=settings.eval_every, keep_best=True,
+                      progress=progress, desc=f"svf {task.name} ({objective})")
+    if objective == "sft":
+        obj, data = SFTObjective(tokenizer), [(e.prompt, e.target) for e in train_ex]
+    else:
+        obj = ReinforceObjective(tokenizer, task, kl_coef=settings.kl_coef, max_new_tokens=budget)
+        data = train_ex
+    history = train(model, data, obj, cfg, validate=validate)
+    steps = [v["step"] for v in history.validation]
+    kept = val_outcomes[steps.index(history.best_step)] if history.best_step is not None else val_outcomes[-1]
+    probe = Probe.from_model(model, meta={**(meta or {}), "objective": objective, "seed": seed,
+                                          "val_accuracy": _mean(kept), "base_val_accuracy": _mean(base_val)})
+    return SVFExpert(model, probe, history, base_val, kept)
