@@ -43,3 +43,22 @@ def test_finetune_then_mergefail_quick_on_qwen2(qwen, tmp_path, capsys):
     metrics = json.loads((tmp_path / "mf" / "metrics.json").read_text())
     assert set(metrics["single_accuracy"]) == {"lora", "hiplora"} and metrics["summary"]
     assert (tmp_path / "mf" / "report.md").exists()
+
+
+def test_svf_inject_eval_on_qwen2_with_gsm8k_and_qa_files(qwen, tmp_path, capsys, monkeypatch):
+    facts = REAL / "knowledge.jsonl"
+    run(["svf", "--model", qwen, "--skill", GSM8K, "--quick", "--train.n-train", "3", "--train.n-val", "3",
+         "--train.max-new-tokens", "8", "--progress", "false", "--out", str(tmp_path / "svf")], capsys)
+    assert (tmp_path / "svf" / "probe" / "probe_config.json").exists()
+    run(["inject", "--model", qwen, "--probe", str(tmp_path / "svf"), "--facts", str(facts), "--skill", GSM8K,
+         "--method", "palora", "--quick", "--n-facts", "4", "--eval.n-skill", "3", "--eval.max-new-tokens", "8",
+         "--progress", "false", "--out", str(tmp_path / "inject")], capsys)
+    injected = json.loads((tmp_path / "inject" / "metrics.json").read_text())
+    n_rows = sum(1 for line in facts.read_text().splitlines() if line.strip())
+    assert injected["n_inject"] == 4 and injected["n_inject"] + injected["n_retain"] <= n_rows  # a random model knows little
+    assert injected["skills"] == [GSM8K]
+    monkeypatch.chdir(tmp_path / "svf")  # the run stores absolute paths: eval works from anywhere
+    run(["eval", "--run-dir", str(tmp_path / "inject"), "--progress", "false", "--out", str(tmp_path / "eval")], capsys)
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    drop = lambda items: {k: v for k, v in items.items() if k != "seconds"}  # noqa: E731
+    assert drop(again["items"]["injected"]) == drop(injected["items"]["injected"])
