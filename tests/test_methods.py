@@ -109,7 +109,8 @@ def test_matched_budget_rank_and_counts():
     per_rank = sum(m + n for m, n in shapes.values())
     target = expected_count(hip, shapes)
     assert abs(r * per_rank - target) <= min(abs((r + 1) * per_rank - target), abs((r - 1) * per_rank - target))
-    specs = match_budgets(parse_methods("hiplora:r=2,lora:targets=all-linear,lora:r=5,targets=all-linear"), model)
+    specs = match_budgets(parse_methods("hiplora:r=2,lora:targets=all-linear,lora:r=5,targets=all-linear"), model,
+                          MethodSpec())
     assert specs[1].r == r and specs[2].r == 5
     wrapped = build_model(parse_method("lora:targets=all-linear,r=3"), tiny_model())
     assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == 3 * per_rank

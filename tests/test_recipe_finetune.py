@@ -41,7 +41,7 @@ def test_finetune_learns_a_task_and_a_frozen_run_changes_nothing(tmp_path):
 
 def test_matched_budgets_within_a_few_percent(organism):
     model, _ = load_model(organism)
-    specs = match_budgets(parse_methods("hiplora,lora,oplora,lora:r=2", MethodSpec(r=4, k=8)), model)
+    specs = match_budgets(parse_methods("hiplora,lora,oplora,lora:r=2", MethodSpec(r=4, k=8)), model, MethodSpec())
     rows = {r["method"]: r for r in budget_table(specs, model)}
     assert rows["lora"]["r"] == 4 and abs(rows["lora"]["vs_reference"]) < 0.05
     assert abs(rows["oplora"]["vs_reference"]) < 0.05

@@ -266,12 +266,15 @@ def matched_rank(hip: MethodSpec, shapes: dict[str, tuple[int, int]]) -> int:
     return max(1, round(expected_count(hip, shapes) / per_rank))
 
 
-def match_budgets(specs: list[MethodSpec], model: nn.Module, reference: MethodSpec | None = None) -> list[MethodSpec]:
-    """Give every LoRA-family spec without an explicit ``r`` the rank matching HiP-LoRA's count (the first HiP-LoRA
-    spec, or ``reference``)."""
-    ref = reference or next((s for s in specs if s.method == "hiplora"), None)
-    if ref is None:
-        return specs
+def hiplora_reference(specs: Sequence[MethodSpec], defaults: MethodSpec) -> MethodSpec:
+    """The HiP-LoRA spec budgets are matched to: the first among ``specs``, else HiP-LoRA with ``defaults``' r, k and
+    targets."""
+    return next((s for s in specs if s.method == "hiplora"), replace(defaults, method="hiplora", label="hiplora"))
+
+
+def match_budgets(specs: list[MethodSpec], model: nn.Module, defaults: MethodSpec) -> list[MethodSpec]:
+    """Give every LoRA-family spec without an explicit ``r`` the rank matching :func:`hiplora_reference`'s count."""
+    ref = hiplora_reference(specs, defaults)
     return [replace(s, r=matched_rank(ref, target_shapes(model, s.targets)))
             if s.method in LORA_FAMILY and "r" not in s.explicit else s for s in specs]
 

@@ -16,9 +16,11 @@ own name only when the run is complete (one ``os.replace``). Both carry a manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -68,6 +70,13 @@ def _json_default(o: Any) -> Any:
     if is_dataclass(o):
         return asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a label or data spec (``lora:r=2`` -> ``lora_r=2-<hash>``): characters other than
+    letters, digits and ``@=+.-`` become ``_``, and a short hash of the original keeps distinct labels distinct."""
+    safe = re.sub(r"[^\w@=+.-]+", "_", text)
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def is_run_dir(path: Path) -> bool:

@@ -18,9 +18,7 @@ per-example outcomes), ``report.md`` and ``figures/accuracy_matrix_<i>.png`` (on
 
 from __future__ import annotations
 
-import hashlib
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,7 @@ from ..evaluation.stats import CI, bootstrap_ci, paired_difference_ci, proportio
 from ..loading import ModelSource, check_model_name, seed_everything
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, save_figure
-from ..runs import RunDir
+from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
 
 
@@ -151,11 +149,6 @@ class Result:
                 "methods": methods, "items": {"base_correct": self.base_correct, "outcomes": self.outcomes}}
 
 
-def _slug(text: str) -> str:
-    """A file-name-safe form of a method label, made unique by a hash when characters were replaced."""
-    safe = re.sub(r"[^\w@=+-]+", "_", text)
-    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
@@ -165,9 +158,7 @@ def run(cfg: Config, run: RunDir) -> Result:
                              allow_code_execution=cfg.allow_code_execution) for spec in cfg.tasks}
     specs = parse_methods(cfg.methods, cfg.defaults(), allowed=ADDITIVE_METHODS)
     if cfg.match_budget:
-        reference = next((s for s in specs if s.method == "hiplora"),
-                         replace(cfg.defaults(), method="hiplora", label="hiplora"))
-        specs = match_budgets(specs, source.fresh(), reference)
+        specs = match_budgets(specs, source.fresh(), cfg.defaults())
     s = cfg.train
     pairs = {n: [(e.prompt, e.target) for e in t.examples("train", n=s.n_train)] for n, t in tasks.items()}
     examples = {n: t.examples("test", n=s.n_eval) for n, t in tasks.items()}
@@ -200,7 +191,7 @@ def run(cfg: Config, run: RunDir) -> Result:
     outcomes: dict[str, list] = {}
     budget_use: dict[str, list] = {}
     for spec in specs:
-        units = [run.unit(f"continual/{_slug(spec.label)}/seed{seed}", lambda: sequence(spec, seed))  # noqa: B023
+        units = [run.unit(f"continual/{safe_name(spec.label)}/seed{seed}", lambda: sequence(spec, seed))  # noqa: B023
                  for seed in cfg.seeds]
         outcomes[spec.label] = [u["outcomes"] for u in units]
         budget_use[spec.label] = [u["budget_use_max"] for u in units]

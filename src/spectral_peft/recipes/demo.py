@@ -13,7 +13,6 @@ Writes ``svf/`` (``probe/``, ``adapter/``), ``adapters/<method>/`` (reloadable m
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
 from ..probe import Probe, fold_expert
 from ..report import plot_loss, plot_skill_bars, plot_tradeoff, plot_training, probe_figures, probe_spread, save_figure
-from ..runs import RunDir
+from ..runs import RunDir, safe_name
 from ..training.svf_expert import SVFSettings, train_svf_expert
 
 EXPERT = "svf-expert"
@@ -100,10 +99,6 @@ QUICK = {"svf.n_train": 256, "svf.n_val": 32, "svf.eval_every": 8, "n_facts": 16
          "eval.n_skill": 24, "eval.n_ppl": 10}
 
 
-def _slug(label: str) -> str:
-    """A method label as a directory name (``palora:protect=sigma`` -> ``palora-protect-sigma``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", label)
-
 
 @dataclass
 class Result:
@@ -169,7 +164,7 @@ def run(cfg: Config, run: RunDir) -> Result:
         seed_everything(cfg.seed, cfg.threads)
         model, history = train_injection(source.fresh(), tok, spec, suite, cfg.train, cfg.seed, probe, cfg.progress)
         if spec.method not in NOT_RELOADABLE:
-            model.save_pretrained(run.file(f"adapters/{_slug(spec.label)}"))
+            model.save_pretrained(run.file(f"adapters/{safe_name(spec.label)}"))
         outcomes[spec.label] = evaluate_injection(model, tok, suite, cfg.progress)
         training[spec.label] = {"trainable_parameters": count_trainable(model), "steps": history.steps,
                                 "train_seconds": history.seconds, "losses": history.losses}

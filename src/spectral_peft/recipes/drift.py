@@ -28,8 +28,7 @@ Writes ``metrics.json`` (summary, per-item outcomes, per-matrix interference row
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,7 +43,7 @@ from ..loading import ModelSource, check_model_name, seed_everything
 from ..merging import adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainable, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
-from ..runs import RunDir
+from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
 
 GENERAL = (*SKILLS, "facts")  # the general evaluations, besides held-out NLL
@@ -220,9 +219,6 @@ def _seed_rows(x: np.ndarray, n_seeds: int) -> np.ndarray:
     return np.repeat(x, n_seeds, axis=0) if len(x) == 1 else x
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
-
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
@@ -233,9 +229,7 @@ def run(cfg: Config, run: RunDir) -> Result:
                      allow_code_execution=cfg.allow_code_execution)
     specs = parse_methods(cfg.methods, cfg.defaults(), allowed=ADDITIVE_METHODS)
     if cfg.match_budget:
-        hip = next((s for s in specs if s.method == "hiplora"), replace(cfg.defaults(), method="hiplora",
-                                                                         label="hiplora"))
-        specs = match_budgets(specs, base, hip)
+        specs = match_budgets(specs, base, cfg.defaults())
     s = cfg.train
     pairs = [(e.prompt, e.target) for e in task.examples("train", n=s.n_train)]
     examples = task.examples("test", n=s.n_eval)
@@ -266,7 +260,7 @@ def run(cfg: Config, run: RunDir) -> Result:
                 "trainable": count_trainable(model), "losses": history.losses, "logs": history.logs}
 
     base_unit = run.unit("base", lambda: evaluate(base))
-    units = {spec.label: [run.unit(f"{_slug(spec.label)}-seed{seed}",
+    units = {spec.label: [run.unit(f"{safe_name(spec.label)}-seed{seed}",
                                    lambda spec=spec, seed=seed: adapter_unit(spec, seed)) for seed in cfg.seeds]
              for spec in specs}
     sizes = {"n_train": len(pairs), "epochs": s.epochs, "n_eval": len(examples), "n_ppl": len(texts),

@@ -19,7 +19,7 @@ Writes ``metrics.json`` (with every per-item outcome), ``report.md``, ``figures/
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -207,9 +207,7 @@ def run(cfg: Config, run: RunDir) -> Result:
     tok = source.tokenizer
     specs = parse_methods(cfg.methods, cfg.defaults(), allowed=ADDITIVE_METHODS)
     if cfg.match_budget:
-        reference = next((s for s in specs if s.method == "hiplora"),
-                         replace(cfg.defaults(), method="hiplora", label="hiplora"))
-        specs = match_budgets(specs, source.fresh(), reference)
+        specs = match_budgets(specs, source.fresh(), cfg.defaults())
     edits = load_edit_set(cfg.task)[:cfg.n_edits]
     unrelated = locality_facts(World().known_facts, edits)[:cfg.n_local]
     tasks = [load_task(s, tokenizer=tok, chat_template=cfg.chat_template,

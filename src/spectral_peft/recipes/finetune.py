@@ -12,7 +12,7 @@ Writes ``adapter/`` (reload it with ``spectral_peft.load_adapter``), ``metrics.j
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from ..data.chat import check_chat_mode
 from ..evaluation import skill_accuracy
 from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_model_name, seed_everything
-from ..methods import MethodSpec, budget_table, count_trainable, match_budgets, parse_method
+from ..methods import MethodSpec, budget_table, count_trainable, hiplora_reference, match_budgets, parse_method
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
@@ -124,9 +124,9 @@ def run(cfg: Config, run: RunDir) -> Result:
     task = load_task(cfg.task, tokenizer=tok, chat_template=cfg.chat_template,
                      allow_code_execution=cfg.allow_code_execution)
     spec = parse_method(cfg.method, cfg.defaults())
-    reference = replace(cfg.defaults(), method="hiplora", label="hiplora")
-    if cfg.match_budget and spec.method != "hiplora":
-        spec = match_budgets([spec], source.fresh(), reference)[0]
+    reference = hiplora_reference([spec], cfg.defaults())
+    if cfg.match_budget:
+        spec = match_budgets([spec], source.fresh(), cfg.defaults())[0]
     s = cfg.train
     pairs = [(e.prompt, e.target) for e in task.examples("train", n=s.n_train)]
     examples = task.examples("test", n=s.n_eval)

@@ -20,9 +20,7 @@ single adapters' per-example outcomes), ``report.md``, ``figures/mergefail.png``
 
 from __future__ import annotations
 
-import hashlib
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +35,7 @@ from ..loading import ModelSource, check_model_name, seed_everything
 from ..merging import MERGE_OPERATORS, adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, plot_budget_use, save_figure
-from ..runs import RunDir
+from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
 
 
@@ -165,11 +163,6 @@ class Result:
                           "instances": {r.method: r.to_dict()["instances"] for r in self.results}}}
 
 
-def _slug(text: str) -> str:
-    """A file-name-safe form of a method label or task spec, made unique by a hash when characters were replaced."""
-    safe = re.sub(r"[^\w@=+-]+", "_", text)
-    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
@@ -179,9 +172,7 @@ def run(cfg: Config, run: RunDir) -> Result:
                              allow_code_execution=cfg.allow_code_execution) for spec in cfg.tasks}
     specs = parse_methods(cfg.methods, cfg.defaults(), allowed=ADDITIVE_METHODS)
     if cfg.match_budget:
-        reference = next((s for s in specs if s.method == "hiplora"),
-                         replace(cfg.defaults(), method="hiplora", label="hiplora"))
-        specs = match_budgets(specs, source.fresh(), reference)
+        specs = match_budgets(specs, source.fresh(), cfg.defaults())
     s = cfg.train
     pairs = {n: [(e.prompt, e.target) for e in t.examples("train", n=s.n_train)] for n, t in tasks.items()}
     examples = {n: t.examples("test", n=s.n_eval) for n, t in tasks.items()}
@@ -215,7 +206,7 @@ def run(cfg: Config, run: RunDir) -> Result:
         for seed in cfg.seeds:
             deltas[seed], single[spec.label][seed], uses[spec.label][seed] = {}, {}, {}
             for name in cfg.tasks:
-                where = f"adapters/{_slug(spec.label)}/seed{seed}/{_slug(name)}"
+                where = f"adapters/{safe_name(spec.label)}/seed{seed}/{safe_name(name)}"
                 unit = run.unit(where, lambda: train_one(spec, seed, name, where))  # noqa: B023 - called at once
                 deltas[seed][name] = adapter_deltas(run.path / where, source.fresh())
                 single[spec.label][seed][name] = unit["correct"]
