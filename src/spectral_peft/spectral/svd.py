@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+
+SVD_METHODS = ("exact", "randomized")
+
 
 @dataclass(frozen=True)
 class SVD:
@@ -63,6 +67,15 @@ def svd_full(weight: torch.Tensor) -> SVD:
     return SVD(U.contiguous(), S, V.contiguous())
 
 
+def check_request(shape: tuple[int, ...], k: int | None, method: str) -> None:
+    """Raise :class:`InputError` unless ``method`` is known and ``k`` is None (all) or ``1 <= k <= min(shape)``."""
+    if method not in SVD_METHODS:
+        raise InputError(f"unknown SVD method {method!r}; use 'exact' or 'randomized'")
+    r0 = min(shape)
+    if k is not None and not 1 <= k <= r0:
+        raise InputError(f"k={k} is out of range for a {tuple(shape)} matrix (1 <= k <= {r0})")
+
+
 def svd_topk(weight: torch.Tensor, k: int, method: str = "exact", oversample: int | None = None, niter: int = 4) -> SVD:
     """Top-``k`` triplets, exactly (truncated full SVD) or randomised.
 
@@ -70,14 +83,10 @@ def svd_topk(weight: torch.Tensor, k: int, method: str = "exact", oversample: in
     (``oversample`` defaults to ``k``: 10 extra columns gave 3% error on a slowly decaying spectrum,
     docs/performance.md) and ``niter`` power iterations, then keeps the leading ``k``.
     """
-    r0 = min(weight.shape)
-    if not 1 <= k <= r0:
-        raise ValueError(f"k={k} is out of range for a {tuple(weight.shape)} matrix (1 <= k <= {r0})")
+    check_request(tuple(weight.shape), k, method)
     if method == "exact":
         return svd_full(weight).top(k)
-    if method != "randomized":
-        raise ValueError(f"unknown SVD method {method!r}; use 'exact' or 'randomized'")
-    q = min(k + (k if oversample is None else oversample), r0)
+    q = min(k + (k if oversample is None else oversample), min(weight.shape))
     U, S, V = torch.svd_lowrank(_as_fp32(weight), q=q, niter=niter)
     U, V = fix_signs(U[:, :k], V[:, :k])
     return SVD(U.contiguous(), S[:k].contiguous(), V.contiguous())
