@@ -7,11 +7,12 @@ tests:\\n\\n<asserts>\\n[BEGIN]\\n`; target: `<reference code>\\n[DONE]\\n`. Cod
 the target ends in `[DONE]` rather than the project's `####` marker; `RealTask.stop` is ("[DONE]",) and
 `answer` holds the reference code.
 
-Checking runs model-generated code. It happens only through `evaluation.sandbox` (a `python -I` subprocess
-with time, CPU, memory and output limits, network and process creation blocked; see its docstring), and only
+Checking runs model-generated code. It happens only through `evaluation.sandbox` (an unprivileged process under
+kernel limits, in fresh namespaces where they are available; docs/security.md is the threat model), and only
 when the task was loaded with `allow_code_execution=True`; otherwise `check` raises `CodeExecutionNotAllowed`.
-An example passes when its code runs and every assert in `test_list` (plus `challenge_test_list` with
-`challenge_tests=True`) holds; accuracy over examples is the pass@1 pass rate.
+An example passes when every assert in `test_list` (plus `challenge_test_list` with `challenge_tests=True`)
+holds as judged by the sandbox's judge, outside the process that runs the code: printing, exit codes or objects
+that claim equality cannot fake it. Accuracy over examples is the pass@1 pass rate.
 
 Splits (`splits="t2"`, the default) follow Transformer-squared (SakanaAI/self-adaptive-llms, `tasks/mbpp2.py`):
 its problems (MBPP+ from evalplus, in task-id order) are split as the first `t2_pool` = 300 problems for
@@ -31,6 +32,7 @@ from typing import Mapping
 
 from ..example import Example
 from .loading import RealTask, load_rows, meta_value, with_fewshot
+from ...errors import InputError
 
 HUB_NAME, HUB_CONFIG = "google-research-datasets/mbpp", "full"
 BEGIN, DONE = "[BEGIN]", "[DONE]"
@@ -69,7 +71,11 @@ def extract_code(output: str) -> str:
 
 
 class MBPPChecker:
-    """Runs the example's asserts on the generated code in the sandbox, if and only if execution is allowed."""
+    """Judges the example's asserts on the generated code in the sandbox, if and only if execution is allowed.
+
+    True only when the sandbox's judge saw every assert hold (`SandboxResult.ok`); a crash, a timeout, a limit, or a
+    value that is not plain data is a failure.
+    """
 
     def __init__(self, allow_code_execution: bool = False, timeout: float = 10.0, memory_mb: int = 1024,
                  challenge_tests: bool = False):
@@ -123,7 +129,7 @@ def load_mbpp(path_or_name: str | Path | Mapping[str, str] = HUB_NAME, config: s
         ex = {name: [to_example(r) for r in rs] for name, rs in rows.items()}
         out = {"train": ex.get("train", []), "val": ex.get("validation", ex.get("val", [])), "test": ex.get("test", [])}
     else:
-        raise ValueError(f"splits must be 't2' or 'source', got {splits!r}")
+        raise InputError(f"splits must be 't2' or 'source', got {splits!r}")
     checker = MBPPChecker(allow_code_execution, timeout, memory_mb, challenge_tests)
     return RealTask("mbpp", with_fewshot(out, fewshot), checker, source=str(path_or_name), stop=(DONE,),
                     max_new_tokens=512, info={"splits": splits, "fewshot": fewshot,
