@@ -1,15 +1,33 @@
-"""The organism: tokenizer round trip, pretraining determinism and resume, the shipped checkpoint and its quality."""
+"""The organism: tokenizer round trip, pretraining determinism and resume (no pickle), installing a checkpoint,
+the shipped checkpoint and its quality."""
 
+import dataclasses
+import functools
+import hashlib
 import itertools
 import json
 
 import pytest
 import torch
+from helpers import save_tiny_organism
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import spectral_peft.organism as organism_pkg
+from spectral_peft.cli import main
 from spectral_peft.data import SKILLS, World, documents, get_task
+from spectral_peft.errors import InputError, MissingInputError, OutputExistsError
 from spectral_peft.evaluation import recall, skill_accuracy
-from spectral_peft.organism import CHECKPOINT_DIR, PretrainConfig, build_tokenizer, load, pretrain
+from spectral_peft.organism import (
+    CHECKPOINT_DIR,
+    PretrainConfig,
+    build_tokenizer,
+    check_checkpoint,
+    install,
+    load,
+    pretrain,
+)
 
 SAMPLES = ["Math: Start with 31. Subtract 3.\nSolution: 31-3=28. #### 28\n", "  odd   spacing\n\n\tand tabs ",
            "Ünïcödé ✓ 中文 and emoji 🙂", "Q: Where does Zorvath Quellin live?\nA: Velmora\n", ""]
@@ -37,20 +55,159 @@ def test_tokenizer_splits_digits_and_round_trips_the_corpus():
     assert pieces == ["1", "2", "3", "4", "5"]
 
 
+TINY = {"batch_size": 2, "block_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+        "vocab_size": 300, "tokenizer_docs": 200, "save_every": 100, "warmup": 2}
+
+
 def test_pretraining_is_deterministic_and_resumes_exactly(tmp_path):
-    cfg = PretrainConfig(steps=4, batch_size=2, block_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
-                         num_heads=2, vocab_size=300, tokenizer_docs=200, save_every=100, warmup=2)
-    model_a, _ = pretrain(tmp_path / "a", cfg, run_dir=tmp_path / "run_a", progress=False)
-    assert pretrain(tmp_path / "b", cfg, run_dir=tmp_path / "run_b", progress=False, stop_after=2) is None
-    assert not (tmp_path / "b" / "model.safetensors").exists()
-    model_b, tok_b = pretrain(tmp_path / "b", cfg, run_dir=tmp_path / "run_b", progress=False)
+    cfg = PretrainConfig(steps=4, **TINY)
+    model_a, _ = pretrain(tmp_path / "a", cfg, progress=False)
+    assert pretrain(tmp_path / "b", cfg, progress=False, stop_after=2) is None
+    assert not (tmp_path / "b" / "checkpoint").exists()
+    with safe_open(tmp_path / "b" / "state.safetensors", framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        assert meta["step"] == 2 and meta["data_position"] == 2 * cfg.batch_size
+        assert f.get_tensor("rng.torch").dtype == torch.uint8
+    model_b, _ = pretrain(tmp_path / "b", cfg, progress=False)
     for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(pa, pb), name
-    reloaded, tok = load(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint", "state.safetensors"]
+    reloaded, tok = load(tmp_path / "b" / "checkpoint")
     assert torch.equal(reloaded.model.embed_tokens.weight, model_b.model.embed_tokens.weight)
     assert tok.decode(tok(SAMPLES[0])["input_ids"]) == SAMPLES[0]
-    with pytest.raises(ValueError):
-        pretrain(tmp_path / "c", PretrainConfig(**{**cfg.__dict__, "lr": 1.0}), run_dir=tmp_path / "run_b", progress=False)
+    with pytest.raises(InputError, match="another config"):
+        pretrain(tmp_path / "b", PretrainConfig(**{**cfg.__dict__, "lr": 1.0}), progress=False)
+
+
+def test_a_damaged_state_is_refused_in_one_line(tmp_path):
+    cfg = PretrainConfig(steps=2, **TINY)
+    assert pretrain(tmp_path / "run", cfg, progress=False, stop_after=1) is None
+    state = tmp_path / "run" / "state.safetensors"
+    tensors = load_file(state)
+    with safe_open(state, framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    save_file(tensors, state, metadata={"state": json.dumps({**meta, "data_position": 5})})
+    with pytest.raises(InputError, match="inconsistent step"):
+        pretrain(tmp_path / "run", cfg, progress=False)
+    del tensors["rng.torch"]
+    save_file(tensors, state, metadata={"state": json.dumps(meta)})
+    with pytest.raises(InputError, match="not a readable pretraining state"):
+        pretrain(tmp_path / "run", cfg, progress=False)
+    state.write_bytes(b"\x80\x04 not a safetensors file")
+    with pytest.raises(InputError, match="not a readable pretraining state") as err:
+        pretrain(tmp_path / "run", cfg, progress=False)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change", [{"steps": 0}, {"steps": -5}, {"threads": -1}, {"threads": 0}, {"lr": float("nan")},
+                                    {"lr": 0.0}, {"batch_size": 0}, {"block_size": 1024}, {"min_lr_ratio": 1.5},
+                                    {"hidden_size": 30, "num_heads": 4}, {"vocab_size": 100}, {"steps": 2.5},
+                                    {"save_every": 0}, {"seed": -1}])
+def test_pretrain_config_rejects_values_that_cannot_train(change):
+    with pytest.raises(InputError) as err:
+        dataclasses.replace(PretrainConfig(), **change).validate()
+    assert "\n" not in str(err.value) and next(iter(change)) in str(err.value)
+
+
+def _digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-5"], ["--threads", "-1"],
+                                  ["--overwrite", "--resume"], ["--out", str(CHECKPOINT_DIR)],
+                                  ["--out", str(CHECKPOINT_DIR / "run")]])
+def test_pretrain_organism_bad_input_is_one_line_exit_2(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = _digest(CHECKPOINT_DIR)
+    assert main(["pretrain-organism", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [] and _digest(CHECKPOINT_DIR) == before
+
+
+def test_pretrain_organism_writes_its_run_directory_and_resumes(tmp_path, capsys, monkeypatch):
+    """The command writes OUT (manifest, state, checkpoint) and never the package; an existing run needs --resume."""
+    monkeypatch.setattr(organism_pkg, "PretrainConfig", functools.partial(PretrainConfig, **TINY))
+    before = _digest(CHECKPOINT_DIR)
+    out = tmp_path / "organism"
+    assert main(["pretrain-organism", "--out", str(out), "--steps", "3"]) == 0
+    assert {"run.json", "config.yaml", "state.safetensors", "checkpoint"} <= {p.name for p in out.iterdir()}
+    first = load_file(out / "checkpoint" / "model.safetensors")
+    assert main(["pretrain-organism", "--out", str(out), "--steps", "3"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["pretrain-organism", "--out", str(out), "--steps", "3", "--resume"]) == 0
+    again = load_file(out / "checkpoint" / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert _digest(CHECKPOINT_DIR) == before
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """`new`: a valid tiny checkpoint; `target`: an installed one (another model, with a quality.json)."""
+    new = save_tiny_organism(tmp_path / "new")
+    target = save_tiny_organism(tmp_path / "target", num_layers=2)
+    (tmp_path / "target" / "quality.json").write_text("{}")
+    return tmp_path / new, tmp_path / target
+
+
+@pytest.mark.parametrize("swap", ["exchange", "fallback"])
+def test_install_validates_then_swaps_the_checkpoint_in(checkpoints, swap, monkeypatch):
+    new, target = checkpoints
+    if swap == "fallback":
+        monkeypatch.setattr(organism_pkg, "_exchange", lambda a, b: False)
+    before = _digest(target)
+    with pytest.raises(OutputExistsError, match="--force"):
+        install(new, target)
+    assert _digest(target) == before
+    assert install(new, target, force=True) == target
+    assert _digest(target) == _digest(new)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["new", "target"]
+    assert load(target)[0].config.num_hidden_layers == 1
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    if not organism_pkg._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert (tmp_path / "b" / "x").read_text() == "a" and not list((tmp_path / "a").iterdir())
+
+
+def test_install_refuses_broken_checkpoints_and_leaves_the_target(checkpoints, tmp_path):
+    new, target = checkpoints
+    before = _digest(target)
+    weights = load_file(new / "model.safetensors")
+    name = next(iter(weights))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, new / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="non-finite weights"):
+        install(new, target, force=True)
+    del weights[name]
+    save_file(weights, new / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="do not match the config"):
+        install(new, target, force=True)
+    (new / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="does not load as a causal LM"):
+        install(new, target, force=True)
+    with pytest.raises(MissingInputError):
+        install(tmp_path / "absent", target, force=True)
+    with pytest.raises(InputError, match="installed checkpoint itself"):
+        install(target, target, force=True)
+    assert _digest(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["new", "target"]
+
+
+def test_install_organism_cli_never_replaces_without_force(checkpoints, capsys):
+    new, _ = checkpoints
+    before = _digest(CHECKPOINT_DIR)
+    check_checkpoint(CHECKPOINT_DIR)
+    assert main(["install-organism", "--checkpoint", str(new)]) == 2
+    assert main(["install-organism", "--checkpoint", str(new.parent / "absent"), "--force"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line and line]
+    assert len(err) == 2 and "--force" in err[0] and "absent" in err[1], err
+    assert _digest(CHECKPOINT_DIR) == before
+    assert not list(CHECKPOINT_DIR.parent.glob(".toy*"))
 
 
 def test_shipped_checkpoint_is_a_small_swiglu_llama(organism):
