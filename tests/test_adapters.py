@@ -298,12 +298,12 @@ def test_selection_rules():
     "method, kwargs, message",
     [
         ("oplora", dict(r=40), "larger than min"),
-        ("hiplora", dict(k=30, r=4), "exceeds min"),
+        ("hiplora", dict(k=30, r=4), "k \\+ r = 34 is larger than min"),
         ("oplora", dict(k=0), "k must be"),
         ("hiplora", dict(budget_eps=-1.0), "budget_eps"),
         ("hiplora", dict(budget_rho=-0.1), "budget_rho"),
         ("lora", dict(target_modules=["nonexistent_proj"]), None),
-        ("oplora", dict(target_modules=["nonexistent_proj"]), "match no nn.Linear"),
+        ("oplora", dict(target_modules=["nonexistent_proj"]), "match no linear, Conv1D or expert matrix"),
         ("svft", dict(pattern="diagonal"), "pattern must be"),
         ("svf", dict(parameterisation="tanh"), "parameterisation"),
         ("palora", dict(probe=None), "needs a probe"),
@@ -351,7 +351,7 @@ def test_corda_through_peft_with_calibration(input_ids):
     import itertools
 
     from spectral_peft.data import documents
-    from spectral_peft.evaluation.injection import calibration_runner
+    from spectral_peft.training.injection import calibration_runner
     from spectral_peft.organism import build_tokenizer, tiny_random_model
 
     tokenizer = build_tokenizer(itertools.islice(documents(seed=1), 200), vocab_size=300)

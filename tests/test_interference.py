@@ -130,7 +130,7 @@ def test_table_on_a_tiny_llama_with_hiplora_residual_only():
         base, {n: 0.05 * torch.randn_like(d) for n, d in deltas.items()}, k=4)}, metric="left_angle_max")
     assert [line.get_label() for line in fig.axes[0].lines] == ["hiplora", "random"]
     assert list(fig.axes[0].lines[0].get_xdata()) == [0, 1]
-    with pytest.raises(ValueError, match="not weight-carrying"):
+    with pytest.raises(ValueError, match="are not matrices of"):
         interference_table(base, {"model.nope": torch.zeros(2, 2)}, k=1)
     with pytest.raises(ValueError, match="unknown metric"):
         plot_interference({"x": rows}, metric="nope")
@@ -149,3 +149,25 @@ def test_pretraining_degradation_with_pluggable_evaluations():
         Degradation(1.0, 1.0, {"a": 0.5}, {"b": 0.5})
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Degradation(1.0, 1.0, {"a": 50.0}, {"a": 0.5})
+
+
+def test_interference_reads_the_out_by_in_view_of_conv1d_weights():
+    """GPT-2 stores Conv1D weights as in x out; a dW planted in the top-k block of each out x in matrix must have
+    energy fraction 1 everywhere, the square attn.c_proj included (its raw weight would give another answer)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spectral_peft.adapters.matrices import matrix_weights
+    from spectral_peft.methods import target_shapes
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16)).eval()
+    names = list(target_shapes(model, "all-linear"))
+    assert any(n.endswith("attn.c_proj") for n in names)
+    deltas = {}
+    for name, W in matrix_weights(model, names).items():
+        U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
+        deltas[name] = (U[:, :3] @ torch.diag(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)) @ Vh[:3]).float()
+    rows = interference_table(model, deltas, k=3)
+    assert len(rows) == len(names)
+    assert all(abs(r.metrics.energy_fraction - 1) < 1e-4 for r in rows), [(r.module, r.metrics.energy_fraction)
+                                                                          for r in rows]

@@ -86,7 +86,7 @@ base, ids_path, *adapters = sys.argv[1:]
 for adapter in adapters:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
     with torch.no_grad():
-        torch.save(model(input_ids=torch.load(ids_path)).logits, adapter + ".logits.pt")
+        torch.save(model(input_ids=torch.load(ids_path, weights_only=True)).logits, adapter + ".logits.pt")
 assert not any(m.startswith("spectral_peft") for m in sys.modules), "spectral_peft was imported"
 """
 
@@ -108,7 +108,7 @@ def test_export_lora_loads_in_vanilla_peft(input_ids, tmp_path):
     subprocess.run([sys.executable, "-c", PEFT_ONLY, str(tmp_path / "base"), str(tmp_path / "ids.pt"),
                     *(str(tmp_path / m) for m in EXPORTED)], check=True)
     for method in EXPORTED:
-        out = torch.load(tmp_path / f"{method}.logits.pt").float()
+        out = torch.load(tmp_path / f"{method}.logits.pt", weights_only=True).float()
         assert torch.allclose(out, refs[method], atol=1e-5), method
 
 

@@ -5,6 +5,18 @@ Every layer's update is already a product ``dW = B_eff A_eff`` (rank ``r`` for O
 ``lora_A = A_eff`` with ``lora_alpha = r`` per module (scale 1). A factor pair wider than ``min(m, n)`` is compressed
 exactly to ``min(m, n)``; with ``max_rank`` it is truncated to its best rank-``max_rank`` approximation (via QR of
 both factors and an SVD of the small core), and the relative Frobenius error of each module is returned.
+
+Layouts, as PEFT expects them:
+- linear: ``target_modules`` with a ``rank_pattern`` entry per module;
+- Conv1D (GPT-2): the same factors of the ``out x in`` view with ``fan_in_fan_out=True``, which makes PEFT add
+  ``(B A)^T`` to the stored ``in x out`` weight;
+- expert stacks: ``target_parameters`` (PEFT's ``ParamWrapper``), one ``lora_A`` (``E r x n``, expert ``e`` in rows
+  ``e r .. e r + r - 1``) and one ``lora_B`` (``m x r E``, rank index ``i`` of expert ``e`` in column ``i E + e``) per
+  stack, every expert padded with zeros to the export's largest rank ``r`` (PEFT gives a stack one rank). PEFT nests
+  the wrappers of one module's stacks in the module's parameter order, the first innermost, so its keys carry one
+  ``base_layer.`` per stack adapted after it.
+PEFT's ``ParamWrapper`` refuses ``fan_in_fan_out``, so a model with both Conv1D and expert matrices adapted is refused.
+The recorded ``task_type`` is the wrapped model's own (``None`` when transformers lists its class under no task).
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from .model import SpectralPeftModel
+from .adapters.matrices import stack_names
+from .errors import InputError
+from .model import SpectralPeftModel, task_type
 
 
 def compress_factors(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -33,16 +47,9 @@ def compress_factors(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch
     return B_new.float(), A_new.float(), error
 
 
-def export_lora(model: SpectralPeftModel, path: str | Path, max_rank: int | None = None) -> dict[str, float]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format into ``path``.
-
-    Returns the relative Frobenius error of each module's exported update (0 up to rounding when not truncated).
-    """
-    if not isinstance(model, SpectralPeftModel):
-        raise TypeError("export_lora takes a model returned by spectral_peft.get_peft_model or load_adapter")
-    if max_rank is not None and max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-    tensors, ranks, errors = {}, {}, {}
+def _factors(model: SpectralPeftModel, max_rank: int | None) -> tuple[dict, dict[str, float]]:
+    """``{matrix name: (B, A)}`` (fp32, CPU; rank at most ``min(m, n)`` and ``max_rank``) and the truncation errors."""
+    factors, errors = {}, {}
     with torch.no_grad():
         for name, layer in model.spectral_layers().items():
             B, A = (t.detach().float().cpu() for t in layer.delta_factors())
@@ -50,15 +57,65 @@ def export_lora(model: SpectralPeftModel, path: str | Path, max_rank: int | None
             error = 0.0
             if B.shape[1] > limit:
                 B, A, error = compress_factors(B, A, limit)
+            factors[name], errors[name] = (B, A), error
+    return factors, errors
+
+
+def _stack_tensors(model: SpectralPeftModel, factors: dict, r: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's ``ParamWrapper`` tensors of every adapted expert stack (module docstring) and the stacks' paths."""
+    layers = model.spectral_layers()
+    by_stack: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, layer in layers.items():
+        if layer.kind == "expert":
+            module, param, e = name.rsplit(".", 2)
+            by_stack.setdefault((module, param), {})[int(e)] = factors[name]
+    hosts = model.hosts()
+    tensors = {}
+    for (module, param), experts in by_stack.items():
+        experts_module = hosts[module].base_layer
+        E = experts_module._parameters[param].shape[0]
+        B0, A0 = next(iter(experts.values()))
+        A_full, B_full = torch.zeros(E, r, A0.shape[1]), torch.zeros(B0.shape[0], r, E)
+        for e, (B, A) in experts.items():
+            A_full[e, : A.shape[0]] = A
+            B_full[:, : B.shape[1], e] = B
+        adapted = [p for p in stack_names(experts_module) if (module, p) in by_stack]
+        key = f"base_model.model.{module}." + "base_layer." * (len(adapted) - 1 - adapted.index(param))
+        tensors[key + "lora_A.weight"] = A_full.reshape(E * r, -1).contiguous()
+        tensors[key + "lora_B.weight"] = B_full.reshape(B0.shape[0], r * E).contiguous()
+    return tensors, sorted(f"{module}.{param}" for module, param in by_stack)
+
+
+def export_lora(model: SpectralPeftModel, path: str | Path, max_rank: int | None = None) -> dict[str, float]:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format into ``path``.
+
+    Returns the relative Frobenius error of each matrix's exported update (0 up to rounding when not truncated).
+    """
+    if not isinstance(model, SpectralPeftModel):
+        raise TypeError("export_lora takes a model returned by spectral_peft.get_peft_model or load_adapter")
+    if max_rank is not None and max_rank < 1:
+        raise InputError(f"max_rank must be >= 1, got {max_rank}")
+    kinds = model.adapted_counts()
+    if "conv1d" in kinds and "expert" in kinds:
+        raise InputError("cannot export Conv1D and expert matrices together (PEFT's expert-stack LoRA refuses "
+                         "fan_in_fan_out); adapt one kind per export")
+    factors, errors = _factors(model, max_rank)
+    r = max(B.shape[1] for B, _ in factors.values())
+    kind = {n: layer.kind for n, layer in model.spectral_layers().items()}
+    tensors, ranks = {}, {}
+    for name, (B, A) in factors.items():
+        if kind[name] != "expert":
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-            ranks[name], errors[name] = B.shape[1], error
-    pattern = {re.escape(n): r for n, r in ranks.items()}
-    r = max(ranks.values())
+            ranks[name] = B.shape[1]
+    stack_tensors, stacks = _stack_tensors(model, factors, r)
+    tensors.update(stack_tensors)
+    pattern = {re.escape(n): k for n, k in ranks.items()}
     name_or_path = getattr(getattr(model.base_model, "config", None), "_name_or_path", None)
     config = LoraConfig(
         r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=pattern, target_modules=sorted(ranks),
-        lora_dropout=0.0, task_type="CAUSAL_LM", base_model_name_or_path=name_or_path,
+        target_parameters=stacks or None, fan_in_fan_out="conv1d" in kinds, lora_dropout=0.0,
+        task_type=task_type(model.base_model), base_model_name_or_path=name_or_path,
     )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,12 @@
 - ``ties`` (Yadav et al.): keep the top ``density`` fraction of each ``lambda_j dW_j`` by magnitude, elect the sign
   of the summed trimmed updates per entry, and average the entries that agree with it (weighted by ``lambda_j``).
 
-Works for every spectral adapter and for PEFT LoRA/DoRA adapters. (PEFT's ``add_weighted_adapter`` without SVD
-combines the ``A`` and ``B`` factors separately, which is not a merge of ``dW``.) For HiP-LoRA adapters from one
-base, ``sum`` adds the principal gains ``phi`` and the residual channels, since ``dW`` is linear in both.
+Updates are ``{matrix name: dW}`` with ``dW`` in the ``out x in`` view of :mod:`.adapters.matrices` (a Conv1D's
+update is added to its stored weight transposed; an expert's ``module.param.e`` to its slice of the 3-D stack).
+Works for every spectral adapter and for PEFT LoRA/DoRA adapters (LoRA also on expert stacks). (PEFT's
+``add_weighted_adapter`` without SVD combines the ``A`` and ``B`` factors separately, which is not a merge of
+``dW``.) For HiP-LoRA adapters from one base, ``sum`` adds the principal gains ``phi`` and the residual channels,
+since ``dW`` is linear in both.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .adapters.matrices import matrix_weights, stack_layout
+from .errors import InputError
 from .model import SpectralPeftModel, load_adapter
 
 MERGE_OPERATORS = ("sum", "ties")
@@ -28,14 +33,23 @@ Delta = tuple[torch.Tensor, torch.Tensor]
 
 
 def _peft_deltas(model: PeftModel) -> dict[str, torch.Tensor]:
-    """Dense ``dW`` of every PEFT LoRA/DoRA layer of the active adapter (DoRA: ``m (W + dW) / ||W + dW|| - W``)."""
+    """Dense ``dW`` of every PEFT LoRA/DoRA layer of the active adapter (DoRA: ``m (W + dW) / ||W + dW|| - W``);
+    a LoRA on an expert stack gives one ``dW`` per expert."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
 
     name = model.active_adapter
     prefix = "base_model.model."
     out = {}
     for key, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+            continue
+        if isinstance(layer, ParamWrapper):
+            path = key.removeprefix(prefix).replace(".base_layer", "")
+            stack = layer.get_delta_weight(name).detach().float().cpu()
+            transposed = stack_layout(layer.get_base_layer())
+            for e, dW in enumerate(stack):
+                out[f"{path}.{layer.parameter_name}.{e}"] = dW.T if transposed else dW
             continue
         W = layer.get_base_layer().weight.float()
         dW = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
@@ -51,7 +65,7 @@ def adapter_deltas(adapter: SpectralPeftModel | PeftModel | str | Path, base: nn
     """``{module name: dW}`` (fp32, CPU) of an adapter: a wrapped model, or a directory loaded onto ``base``."""
     if isinstance(adapter, (str, Path)):
         if base is None:
-            raise ValueError("loading an adapter directory needs the base model")
+            raise InputError("loading an adapter directory needs the base model")
         wrapped = load_adapter(base, adapter, progress=False)
         try:
             return adapter_deltas(wrapped)
@@ -90,14 +104,14 @@ def merge_deltas(
 ) -> dict[str, torch.Tensor]:
     """Combine per-module updates of several adapters into one ``{module: dW}``."""
     if how not in MERGE_OPERATORS:
-        raise ValueError(f"unknown merge operator {how!r}; use one of {MERGE_OPERATORS}")
+        raise InputError(f"unknown merge operator {how!r}; use one of {MERGE_OPERATORS}")
     if not deltas:
-        raise ValueError("nothing to merge")
+        raise InputError("nothing to merge")
     weights = [1.0] * len(deltas) if weights is None else list(weights)
     if len(weights) != len(deltas):
-        raise ValueError(f"{len(weights)} weights for {len(deltas)} adapters")
+        raise InputError(f"{len(weights)} weights for {len(deltas)} adapters")
     if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise InputError(f"density must be in (0, 1], got {density}")
     merged = {}
     for name in sorted(set().union(*deltas)):
         present = [(d[name], w) for d, w in zip(deltas, weights) if name in d]
@@ -108,15 +122,23 @@ def merge_deltas(
     return merged
 
 
+def _views(model: nn.Module, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``out x in`` views the updates are added to; refuses unknown names and shapes that differ, naming them."""
+    try:
+        views = matrix_weights(model, list(deltas))
+    except KeyError as e:
+        raise InputError(f"modules {e.args[0]} are not weight-carrying modules of the model (linear, Conv1D or expert "
+                         "matrices); use the adapters' base model") from None
+    bad = [f"{n} {tuple(deltas[n].shape)} vs {tuple(W.shape)}" for n, W in views.items() if W.shape != deltas[n].shape]
+    if bad:
+        raise InputError(f"updates and matrices differ in shape: {', '.join(bad)}")
+    return views
+
+
 @torch.no_grad()
 def _add_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    modules = dict(model.named_modules())
-    missing = [n for n in deltas if n not in modules or not hasattr(modules[n], "weight")]
-    if missing:
-        raise ValueError(f"modules {missing} are not weight-carrying modules of the model")
-    for name, dW in deltas.items():
-        W = modules[name].weight
-        W.copy_((W.float() + dW.to(W.device)).to(W.dtype))
+    for name, W in _views(model, deltas).items():
+        W.copy_((W.float() + deltas[name].to(W.device)).to(W.dtype))
 
 
 def apply_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], inplace: bool = False) -> nn.Module:
@@ -130,15 +152,15 @@ def apply_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], inplace: boo
 def applied_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
     """Inside the block ``W <- W + dW`` in place; afterwards ``W`` is restored bit-exactly from a saved copy of the
     touched weights (no subtraction, so no rounding error), also when the block raises."""
-    modules = dict(model.named_modules())
-    saved = {n: modules[n].weight.detach().clone() for n in deltas if n in modules and hasattr(modules[n], "weight")}
+    views = _views(model, deltas)
+    saved = {n: W.detach().clone() for n, W in views.items()}
     try:
         _add_deltas(model, deltas)
         yield model
     finally:
         with torch.no_grad():
             for name, W0 in saved.items():
-                modules[name].weight.copy_(W0)
+                views[name].copy_(W0)
 
 
 def merge_adapters(

@@ -9,7 +9,7 @@ Keys (each recorded in :class:`MethodSpec`):
 
 | key | field | meaning |
 |---|---|---|
-| r, alpha, targets | r, lora_alpha, targets | LoRA rank and alpha; ``mlp`` or ``all-linear`` |
+| r, alpha, targets | r, lora_alpha, targets | LoRA rank and alpha; ``mlp`` (per architecture) or ``all-linear`` |
 | k | k | HiP-LoRA's principal-channel size; OPLoRA's protected size (default: PALoRA's largest ``|S|`` when a probe is given, else 16) |
 | mode, rho, lam, p, eps | budget_* | HiP-LoRA's budget: ``constraint``/``penalty``/``none``, relative radius, penalty weight, power, absolute radius |
 | fraction, select, tau, q, soft | palora_* | PALoRA's protected set: rule ``top_fraction`` (fraction), ``threshold`` (tau), ``mass`` (q); soft weights |
@@ -36,14 +36,15 @@ import torch
 from torch import nn
 
 from .adapters import method_config
-from .adapters.base import MLP_MODULES
+from .adapters.targets import select
 from .probe import Probe, fold_expert
+from .errors import InputError
 
 METHODS = ("lora", "dora", "pissa", "corda", "milora", "oplora", "svft", "hiplora", "palora")
 # methods whose update is an additive dW on the untouched base weights (mergeable; no probe needed)
 ADDITIVE_METHODS = ("lora", "dora", "oplora", "milora", "svft", "hiplora")
 LORA_FAMILY = ("lora", "dora", "pissa", "corda", "milora", "oplora")
-TARGETS = {"mlp": list(MLP_MODULES), "all-linear": "all-linear"}
+TARGETS = {"mlp": "mlp", "all-linear": "all-linear"}  # spec value -> target rule, resolved per model
 PROTECT = ("probe", "sigma", "random")
 PLACES = ("orthogonal", "inside")
 BUDGET_MODES = ("constraint", "penalty", "none")
@@ -107,7 +108,7 @@ class MethodSpec:
             return method_config("svft", pattern=self.svft_pattern, target_modules=TARGETS[self.targets])
         if self.method == "palora":
             if probe is None:
-                raise ValueError(f"{self.label}: PALoRA needs a probe (an SVF expert run)")
+                raise InputError(f"{self.label}: PALoRA needs a probe (an SVF expert run)")
             kw: dict[str, Any] = dict(selection=self.palora_selection, rho=self.palora_fraction, tau=self.palora_tau,
                                       q=self.palora_q, soft=self.palora_soft, place=self.place)
             if self.protect != "probe":
@@ -120,7 +121,7 @@ def _cast(field_name: str, value: str) -> Any:
     kind = {f.name: f.type for f in fields(MethodSpec)}[field_name]
     if "bool" in str(kind):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise InputError(f"expected true or false, got {value!r}")
         return value.lower() in ("true", "1")
     if "int" in str(kind):
         return int(value)
@@ -136,17 +137,17 @@ def parse_method(spec: str, defaults: MethodSpec | None = None) -> MethodSpec:
     name, _, opts = text.partition(":")
     name = name.strip().lower()
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} in {text!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown method {name!r} in {text!r}; choose from {', '.join(METHODS)}")
     values: dict[str, Any] = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in KEYS:
-            raise ValueError(f"bad option {item!r} in method spec {text!r}; use key=value with keys {', '.join(KEYS)}")
+            raise InputError(f"bad option {item!r} in method spec {text!r}; use key=value with keys {', '.join(KEYS)}")
         try:
             values[KEYS[key]] = _cast(KEYS[key], value.strip())
         except ValueError:
-            raise ValueError(f"bad value {value.strip()!r} for {key!r} in method spec {text!r}") from None
+            raise InputError(f"bad value {value.strip()!r} for {key!r} in method spec {text!r}") from None
     out = replace(defaults or MethodSpec(), method=name, label=text, explicit=tuple(values), **values)
     _validate(out)
     return out
@@ -155,17 +156,21 @@ def parse_method(spec: str, defaults: MethodSpec | None = None) -> MethodSpec:
 def _validate(s: MethodSpec) -> None:
     where = f"method spec {s.label!r}"
     if s.targets not in TARGETS:
-        raise ValueError(f"{where}: targets must be one of {', '.join(TARGETS)}, got {s.targets!r}")
+        raise InputError(f"{where}: targets must be one of {', '.join(TARGETS)}, got {s.targets!r}")
     if s.budget_mode not in BUDGET_MODES:
-        raise ValueError(f"{where}: mode must be one of {', '.join(BUDGET_MODES)}, got {s.budget_mode!r}")
+        raise InputError(f"{where}: mode must be one of {', '.join(BUDGET_MODES)}, got {s.budget_mode!r}")
     if s.protect not in PROTECT or s.place not in PLACES:
-        raise ValueError(f"{where}: protect must be one of {PROTECT} and place one of {PLACES}")
+        raise InputError(f"{where}: protect must be one of {PROTECT} and place one of {PLACES}")
     if s.method != "palora" and ({"protect", "place"} & set(s.explicit)):
-        raise ValueError(f"{where}: protect and place are options of palora only")
+        raise InputError(f"{where}: protect and place are options of palora only")
+    for f in fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where}: {f.name} must be a finite number, got {value}")
     if s.lr is not None and not (math.isfinite(s.lr) and s.lr > 0):
-        raise ValueError(f"{where}: lr must be a positive number, got {s.lr}")
+        raise InputError(f"{where}: lr must be a positive number, got {s.lr}")
     if s.r < 1 or (s.k is not None and s.k < 1):
-        raise ValueError(f"{where}: r and k must be >= 1")
+        raise InputError(f"{where}: r and k must be >= 1")
     if s.method != "palora":
         s.adapter_config()  # the adapter's own range checks, with its message
 
@@ -189,10 +194,10 @@ def parse_methods(specs: str | Sequence[str], defaults: MethodSpec | None = None
     out = [parse_method(s, defaults) for s in items]
     bad = [s.label for s in out if s.method not in allowed]
     if bad:
-        raise ValueError(f"method(s) {', '.join(bad)} cannot be used here; choose from {', '.join(allowed)}")
+        raise InputError(f"method(s) {', '.join(bad)} cannot be used here; choose from {', '.join(allowed)}")
     labels = [s.label for s in out]
     if not out or len(set(labels)) != len(labels):
-        raise ValueError(f"give at least one method, each once (got {labels})")
+        raise InputError(f"give at least one method, each once (got {labels})")
     return out
 
 
@@ -231,7 +236,7 @@ def build_model(spec: MethodSpec, base: nn.Module, probe: Probe | None = None, s
     torch.manual_seed(seed)
     if spec.method == "corda":
         if calibration is None:
-            raise ValueError("CorDA needs calibration data")
+            raise InputError("CorDA needs calibration data")
         return get_peft_model(base, config, calibration=lambda: calibration(base))
     return get_peft_model(base, config, progress=progress)
 
@@ -243,12 +248,9 @@ def count_trainable(model: nn.Module) -> int:
 # --- matched budgets ---------------------------------------------------------------------------------------------
 
 def target_shapes(model: nn.Module, targets: str) -> dict[str, tuple[int, int]]:
-    """``{module name: weight shape}`` of the matrices ``targets`` selects."""
-    from .model import find_targets
-
-    names = find_targets(model, method_config("hiplora", target_modules=TARGETS[targets], r=1, k=1))
-    modules = dict(model.named_modules())
-    return {n: tuple(modules[n].weight.shape) for n in names}
+    """``{matrix name: (m, n)}`` of every matrix ``targets`` selects (linear, Conv1D and expert matrices, as the
+    ``out x in`` view; the rule's rank floor is not applied, so a method with a large ``r`` may leave some out)."""
+    return {m.name: m.shape for m in select(model, TARGETS[targets], (), need=1).matrices}
 
 
 def expected_count(spec: MethodSpec, shapes: dict[str, tuple[int, int]]) -> int:

@@ -1,11 +1,14 @@
 """Wrap a causal LM with a spectral adapter; save, load, merge and unload it.
 
-``get_peft_model(model, config)`` replaces every targeted ``nn.Linear`` by the config's layer and returns a
-:class:`SpectralPeftModel` that trains with the transformers Trainer, TRL or a plain loop. PEFT configs
-(LoRA, DoRA, PiSSA, CorDA) are handed to PEFT. An adapter directory holds ``adapter_config.json`` (the config, plus
-the shape and content hash of every base weight it adapts) and ``adapter_model.safetensors`` (trainable tensors and
-small method state). Singular vectors are never saved: they are recomputed from the base weights or read from the
-SVD cache, and the recorded hashes guarantee they are the same.
+``get_peft_model(model, config)`` gives every targeted matrix (a linear layer, a transformers ``Conv1D``, or one
+expert of a 3-D MoE expert stack; :mod:`.adapters.matrices`) the config's layer and returns a
+:class:`SpectralPeftModel` that trains with the transformers Trainer, TRL or a plain loop; it reports what it adapted
+by kind (:meth:`SpectralPeftModel.adapted_summary`). PEFT configs (LoRA, DoRA, PiSSA, CorDA) are handed to PEFT,
+with the rules ``mlp`` and ``all-linear`` resolved the same way (expert stacks as PEFT ``target_parameters``, which
+PEFT supports for plain LoRA only). An adapter directory holds ``adapter_config.json`` (the config, plus the shape
+and content hash of every matrix it adapts) and ``adapter_model.safetensors`` (trainable tensors and small method
+state). Singular vectors are never saved: they are recomputed from the base weights or read from the SVD cache, and
+the recorded hashes guarantee they are the same.
 """
 
 from __future__ import annotations
@@ -24,72 +27,98 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import CONFIG_CLASSES, AdapterConfig, HiPLoRALayer, SpectralLayer, project_budgets
+from .adapters.base import TARGET_RULES
+from .adapters.experts import ExpertMatrix, ExpertsLayer
 from .adapters.hiplora import HiPLoRAConfig
+from .adapters.matrices import KINDS, Matrix, find_matrices, matrix_weights
 from .adapters.palora import PALoRAConfig
+from .adapters.targets import Selection, listing, select
+from .errors import InputError, MissingInputError
 from .spectral import SVDCache, weight_hash
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def linear_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` of the model except the output head ("all-linear")."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+def select_targets(model: nn.Module, config: AdapterConfig) -> Selection:
+    """The matrices ``config`` adapts (:func:`.adapters.targets.select`, then PALoRA's ``uncovered="skip"``).
+
+    Raises a one-line :class:`InputError` when nothing is left, naming why (e.g. every matrix is smaller than ``r``).
+    """
+    selection = select(model, config.target_modules, config.exclude_modules, config.rank_need())
+    if isinstance(config, PALoRAConfig):
+        skipped = [m for m in selection.matrices if not config.accepts(m.name)]
+        selection.left_out.update({m.name: "not in the probe, uncovered='skip'" for m in skipped})
+        selection.matrices = [m for m in selection.matrices if config.accepts(m.name)]
+    if not selection.matrices:
+        if selection.left_out and isinstance(config.target_modules, str):
+            raise InputError(f"no matrix fits {config.method}: {config.need_text()} is larger than min(m, n) of every "
+                             f"matrix {config.target_modules!r} selects ({listing(list(selection.left_out))}); "
+                             "lower it or name other targets")
+        raise InputError("no matrix of the model matches the adapter's target_modules")
+    return selection
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the ``nn.Linear`` modules ``config`` adapts; raise if a listed target matches nothing."""
-    linear = linear_names(model)
-
-    def matches(name: str, suffix: str) -> bool:
-        return name == suffix or name.endswith("." + suffix)
-
-    if config.target_modules == "all-linear":
-        names = linear
-    else:
-        names = [n for n in linear if any(matches(n, t) for t in config.target_modules)]
-        missing = [t for t in config.target_modules if not any(matches(n, t) for n in linear)]
-        if missing:
-            examples = sorted({n.rsplit(".", 1)[-1] for n in linear})
-            raise ValueError(f"target module(s) {missing} match no nn.Linear in the model (it has {examples})")
-    names = [n for n in names if not any(matches(n, e) for e in config.exclude_modules)]
-    if isinstance(config, PALoRAConfig):
-        names = [n for n in names if config.accepts(n)]
-    if not names:
-        raise ValueError("no module of the model matches the adapter's target_modules")
-    return names
+    """Names of the matrices ``config`` adapts (see :func:`select_targets`)."""
+    return select_targets(model, config).names
 
 
 def base_identity(model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Shape and content hash of each named module's weight."""
-    modules = dict(model.named_modules())
-    return {n: {"shape": list(modules[n].weight.shape), "hash": weight_hash(modules[n].weight)} for n in names}
+    """Shape and content hash of each named matrix (its ``m x n`` view)."""
+    return {n: {"shape": list(W.shape), "hash": weight_hash(W)} for n, W in matrix_weights(model, names).items()}
 
 
 def check_identity(model: nn.Module, recorded: dict[str, dict[str, Any]]) -> None:
-    """Refuse a model whose weights differ from the recorded base (by shape or content hash)."""
-    modules = dict(model.named_modules())
+    """Refuse a model whose matrices differ from the recorded base (by shape or content hash)."""
+    try:
+        weights = matrix_weights(model, list(recorded))
+    except KeyError as e:
+        raise InputError(f"the adapter's base module(s) {listing(e.args[0])} are not in the model; load it onto the "
+                         "model it was trained on") from None
     for name, ident in recorded.items():
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"the adapter's base module {name!r} is not in the model")
-        if list(module.weight.shape) != list(ident["shape"]):
-            raise ValueError(f"{name}: the adapter expects shape {ident['shape']}, the model has "
-                             f"{list(module.weight.shape)}")
+        if list(weights[name].shape) != list(ident["shape"]):
+            raise InputError(f"{name}: the adapter expects shape {ident['shape']}, the model has "
+                             f"{list(weights[name].shape)}")
     for name, ident in recorded.items():
-        if weight_hash(modules[name].weight) != ident["hash"]:
-            raise ValueError(f"{name}: the model's weights differ from the base the adapter was made on (hash mismatch)")
+        if weight_hash(weights[name]) != ident["hash"]:
+            raise InputError(f"{name}: the model's weights differ from the base the adapter was made on "
+                             "(hash mismatch)")
+
+
+TASK_TYPES = {  # PEFT's task types and transformers' lists of the model classes for each
+    "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "SEQ_2_SEQ_LM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "FEATURE_EXTRACTION": "MODEL_MAPPING_NAMES",
+}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type of a transformers model class (``CAUSAL_LM`` for ``LlamaForCausalLM`` and
+    ``GPT2LMHeadModel``), or ``None`` when transformers lists the class under none of them."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for task, mapping in TASK_TYPES.items():
+        for classes in getattr(modeling_auto, mapping).values():
+            if name in ((classes,) if isinstance(classes, str) else classes):
+                return task
+    return None
 
 
 class SpectralPeftModel(nn.Module):
-    """A causal LM whose targeted linears carry a spectral adapter. Unknown attributes fall through to the LM."""
+    """A causal LM whose targeted matrices carry a spectral adapter. Unknown attributes fall through to the LM."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, base: dict[str, dict[str, Any]]):
+    def __init__(self, model: nn.Module, config: AdapterConfig, base: dict[str, dict[str, Any]],
+                 left_out: dict[str, str] | None = None):
         super().__init__()
         self.base_model = model
         self.peft_config = config
         self.base_weights = base
+        self.left_out = dict(left_out or {})
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -99,8 +128,39 @@ class SpectralPeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def hosts(self) -> dict[str, SpectralLayer | ExpertsLayer]:
+        """``{module path: wrapper}``: the spectral layers that replaced linear/Conv1D modules, and the
+        :class:`ExpertsLayer` hosts that replaced experts modules."""
+        return {n: m for n, m in self.base_model.named_modules()
+                if isinstance(m, ExpertsLayer) or (isinstance(m, SpectralLayer) and m.kind != "expert")}
+
     def spectral_layers(self) -> dict[str, SpectralLayer]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLayer)}
+        """``{matrix name: layer}`` for every adapted matrix (an expert's name is ``module.param.e``)."""
+        out = {}
+        for name, host in self.hosts().items():
+            out.update(host.named_layers(name) if isinstance(host, ExpertsLayer) else {name: host})
+        return out
+
+    def adapted_counts(self) -> dict[str, int]:
+        """How many matrices of each kind (``linear``, ``conv1d``, ``expert``) carry the adapter."""
+        kinds = [layer.kind for layer in self.spectral_layers().values()]
+        return {k: kinds.count(k) for k in KINDS if k in kinds}
+
+    def adapted_summary(self) -> str:
+        """One line: e.g. ``svf adapted 24 linear, 12 conv1d, 96 expert matrices``, then what a target rule left out
+        and why."""
+        counts = ", ".join(f"{n} {kind}" for kind, n in self.adapted_counts().items())
+        line = f"{self.peft_config.method} adapted {counts} matrices"
+        reasons: dict[str, list[str]] = {}
+        for name, why in self.left_out.items():
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            line += f"; left out {len(names)} {'matrix' if len(names) == 1 else 'matrices'} ({why}): {listing(names)}"
+        return line
+
+    def print_adapted(self) -> None:
+        """Print :meth:`adapted_summary` (as ``print_trainable_parameters`` prints the parameter counts)."""
+        print(self.adapted_summary())
 
     def hip_layers(self) -> list[HiPLoRALayer]:
         return [m for m in self.spectral_layers().values() if isinstance(m, HiPLoRALayer)]
@@ -176,10 +236,11 @@ class SpectralPeftModel(nn.Module):
         os.replace(tmp_c, path / ADAPTER_CONFIG)
 
     def _restore(self, merge: bool) -> nn.Module:
-        for name, layer in self.spectral_layers().items():
-            if merge:
+        if merge:
+            for layer in self.spectral_layers().values():
                 layer.merge()
-            self.base_model.set_submodule(name, layer.base_layer)
+        for name, host in self.hosts().items():
+            self.base_model.set_submodule(name, host.base_layer)
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:
@@ -195,22 +256,65 @@ def _svd_cache(svd_cache: SVDCache | str | Path | None) -> SVDCache:
     return svd_cache if isinstance(svd_cache, SVDCache) else SVDCache(svd_cache)
 
 
-def _wrap(model: nn.Module, config: AdapterConfig, names: list[str], svd_cache: SVDCache, progress: bool):
-    modules = dict(model.named_modules())
-    for name in names:
-        config.check_shape(name, tuple(modules[name].weight.shape))
+def _wrap(model: nn.Module, config: AdapterConfig, matrices: list[Matrix], svd_cache: SVDCache, progress: bool,
+          left_out: dict[str, str] | None = None) -> SpectralPeftModel:
+    for m in matrices:
+        config.check_shape(m.name, m.shape)
     if isinstance(config, PALoRAConfig):
         config.probe.check_base(model)
+    names = [m.name for m in matrices]
     base = base_identity(model, names)
+    weights = matrix_weights(model, names)
+    modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in tqdm(names, desc=f"{config.method}: SVD", unit="matrix", disable=not progress):
-        W = modules[name].weight
-        svd = svd_cache.get(W, k=config.svd_rank(tuple(W.shape)), method=getattr(config, "svd_method", "exact"),
-                            digest=base[name]["hash"])
-        layer = config.make_layer(name, modules[name], svd.to(W.device))
-        model.set_submodule(name, layer.to(W.device))
-    return SpectralPeftModel(model, config, base)
+    experts: dict[str, dict[str, dict[int, SpectralLayer]]] = {}
+    for m in tqdm(matrices, desc=f"{config.method}: SVD", unit="matrix", disable=not progress):
+        W = weights[m.name]
+        svd = svd_cache.get(W, k=config.svd_rank(m.shape), method=getattr(config, "svd_method", "exact"),
+                            digest=base[m.name]["hash"])
+        base_layer = ExpertMatrix(modules[m.module], m.param, m.expert) if m.kind == "expert" else modules[m.name]
+        layer = config.make_layer(m.name, base_layer, svd.to(W.device)).to(W.device)
+        if m.kind == "expert":
+            experts.setdefault(m.module, {}).setdefault(m.param, {})[m.expert] = layer
+        else:
+            model.set_submodule(m.name, layer)
+    for path, layers in experts.items():
+        model.set_submodule(path, ExpertsLayer(modules[path], layers))
+    wrapped = SpectralPeftModel(model, config, base, left_out)
+    if progress:
+        wrapped.print_adapted()
+    return wrapped
+
+
+def resolve_peft_targets(model: nn.Module, config: PeftConfig) -> None:
+    """Resolve a PEFT LoRA config's rule (``mlp`` or ``all-linear``) as the spectral methods do: linear and Conv1D
+    modules become ``target_modules`` (``fan_in_fan_out`` set when all are Conv1D), expert stacks become
+    ``target_parameters``. PEFT adapts expert stacks for plain LoRA only, whole stacks at a time: other methods, or a
+    stack with some experts excluded, are refused naming the stacks."""
+    rule = config.target_modules
+    if not (isinstance(rule, str) and rule in TARGET_RULES):
+        return
+    exclude = config.exclude_modules or []
+    selection = select(model, rule, [exclude] if isinstance(exclude, str) else list(exclude), config.r)
+    if not selection.matrices:
+        raise InputError(f"no matrix of the model fits LoRA rank r={config.r} under targets {rule!r}")
+    layers = [m for m in selection.matrices if m.kind != "expert"]
+    stacks = sorted({m.stack for m in selection.matrices if m.kind == "expert"})
+    if stacks:
+        method = "dora" if config.use_dora else str(config.init_lora_weights)
+        if config.use_dora or config.init_lora_weights not in (True, "gaussian"):
+            raise InputError(f"{method} cannot adapt the 3-D expert stacks {listing(stacks)} (PEFT adapts them for "
+                             "plain LoRA only); use lora or a spectral method, or exclude_modules=['experts']")
+        count = {s: sum(1 for m in selection.matrices if m.kind == "expert" and m.stack == s) for s in stacks}
+        params = dict(model.named_parameters())
+        partial = [s for s in stacks if count[s] != params[s].shape[0]]
+        if partial:
+            raise InputError(f"PEFT adapts whole expert stacks; {listing(partial)} would be adapted in part")
+    config.target_modules = [m.name for m in layers]
+    config.target_parameters = stacks or None
+    config.fan_in_fan_out = bool(layers) and all(m.kind == "conv1d" for m in layers)
+    config.exclude_modules = None
 
 
 def get_peft_model(
@@ -228,24 +332,25 @@ def get_peft_model(
     if isinstance(config, PeftConfig):
         import peft
 
+        resolve_peft_targets(model, config)
+        config.task_type = task_type(model)
         if getattr(config, "init_lora_weights", None) == "corda":
             if calibration is None:
-                raise ValueError("CorDA needs calibration data: pass calibration=<callable running the model>")
+                raise InputError("CorDA needs calibration data: pass calibration=<callable running the model>")
             from peft.tuners.lora.corda import preprocess_corda
 
-            if config.target_modules == "all-linear":  # preprocess_corda does not expand it itself
-                config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
             preprocess_corda(model, config, run_model=calibration)
         return peft.get_peft_model(model, config)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a spectral_peft or PEFT config, got {type(config).__name__}")
-    return _wrap(model, config, find_targets(model, config), _svd_cache(svd_cache), progress)
+    selection = select_targets(model, config)
+    return _wrap(model, config, selection.matrices, _svd_cache(svd_cache), progress, selection.left_out)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / ADAPTER_CONFIG).exists():
-        raise FileNotFoundError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
+        raise MissingInputError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
     return json.loads((path / ADAPTER_CONFIG).read_text())
 
 
@@ -262,17 +367,18 @@ def load_adapter(
         return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
     method = d.get("method")
     if method not in CONFIG_CLASSES:
-        raise ValueError(f"{path}: unknown adapter method {method!r}")
+        raise InputError(f"{path}: unknown adapter method {method!r}")
     state = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     check_identity(model, d["base_weights"])
     config = CONFIG_CLASSES[method].from_saved(d, state, d["base_weights"])
-    wrapped = _wrap(model, config, list(d["base_weights"]), _svd_cache(svd_cache), progress)
+    by_name = {m.name: m for m in find_matrices(model)[0]}
+    wrapped = _wrap(model, config, [by_name[n] for n in d["base_weights"]], _svd_cache(svd_cache), progress)
     for name, layer in wrapped.spectral_layers().items():
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         missing, unexpected = layer.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.startswith("base_layer.")]
         if missing or unexpected:
-            raise ValueError(f"{path}: {name} is missing {missing} / has unexpected {unexpected}")
+            raise InputError(f"{path}: {name} is missing {missing} / has unexpected {unexpected}")
         for pname, p in layer.named_parameters():
             p.requires_grad_(is_trainable and not pname.startswith("base_layer."))
     return wrapped

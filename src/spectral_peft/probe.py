@@ -6,7 +6,9 @@ Protected index sets are chosen from the scores by one rule:
 - ``threshold``: ``d_i > tau``;
 - ``mass``: the smallest set holding a fraction ``q`` of ``sum_i d_i``.
 A probe directory holds ``probe_config.json`` and ``probe.safetensors``; it records the identity (shape and content
-hash) of the base weights it was trained on, and refuses other weights.
+hash) of the base weights it was trained on, and refuses other weights. Matrices are named and read as the adapters
+name and read them (:mod:`.adapters.matrices`): linear, Conv1D (its ``out x in`` view) and single experts of 3-D MoE
+stacks (``module.param.e``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import InputError, MissingInputError
 from .spectral import weight_hash
 
 SELECTION_RULES = ("top_fraction", "threshold", "mass")
@@ -33,19 +36,19 @@ def select_indices(scores: torch.Tensor, rule: str, rho: float = 0.1, tau: float
     """Protected indices (sorted ascending) chosen from probe scores ``d`` by ``rule``."""
     if rule == "top_fraction":
         if not 0 <= rho <= 1:
-            raise ValueError(f"rho must be in [0, 1], got {rho}")
+            raise InputError(f"rho must be in [0, 1], got {rho}")
         n = math.ceil(rho * scores.numel())
         return torch.sort(torch.topk(scores, n).indices).values
     if rule == "threshold":
         return torch.nonzero(scores > tau).flatten()
     if rule == "mass":
         if not 0 <= q <= 1:
-            raise ValueError(f"q must be in [0, 1], got {q}")
+            raise InputError(f"q must be in [0, 1], got {q}")
         order = torch.argsort(scores, descending=True)
         cum = torch.cumsum(scores[order].double(), 0)
         n = int(torch.searchsorted(cum, q * cum[-1]).item()) + 1 if q > 0 else 0
         return torch.sort(order[: min(n, scores.numel())]).values
-    raise ValueError(f"unknown selection rule {rule!r}; use one of {SELECTION_RULES}")
+    raise InputError(f"unknown selection rule {rule!r}; use one of {SELECTION_RULES}")
 
 
 @dataclass
@@ -67,16 +70,22 @@ class Probe:
     def num_parameters(self) -> int:
         return sum(z.numel() for z in self.scales.values())
 
-    def check_base(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` unless ``model`` holds exactly the weights this probe was trained on."""
-        modules = dict(model.named_modules())
+    def check_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The probed matrices' ``m x n`` views, after checking that ``model`` (plain or wrapped) holds exactly the
+        weights this probe was trained on; raises a one-line :class:`InputError` otherwise."""
+        from .adapters.matrices import matrix_weights
+        from .model import SpectralPeftModel
+
+        root = model.base_model if isinstance(model, SpectralPeftModel) else model
+        try:
+            weights = matrix_weights(root, list(self.base))
+        except KeyError as e:
+            raise InputError(f"probe module(s) {e.args[0]} are not in the model; use a probe trained on it") from None
         for name, ident in self.base.items():
-            module = modules.get(name)
-            if module is None or not hasattr(module, "weight"):
-                raise ValueError(f"probe module {name!r} is not in the model")
-            W = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+            W = weights[name]
             if list(W.shape) != list(ident["shape"]) or weight_hash(W) != ident["hash"]:
-                raise ValueError(f"probe was trained on other weights than the model's {name!r} (hash mismatch)")
+                raise InputError(f"probe was trained on other weights than the model's {name!r} (hash mismatch)")
+        return weights
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -91,26 +100,26 @@ class Probe:
     def load(cls, path: str | Path) -> "Probe":
         path = Path(path)
         if not (path / PROBE_CONFIG).exists() or not (path / PROBE_WEIGHTS).exists():
-            raise FileNotFoundError(f"{path} is not a probe directory (needs {PROBE_CONFIG} and {PROBE_WEIGHTS})")
+            raise MissingInputError(f"{path} is not a probe directory (needs {PROBE_CONFIG} and {PROBE_WEIGHTS})")
         cfg = json.loads((path / PROBE_CONFIG).read_text())
         return cls(scales=load_file(str(path / PROBE_WEIGHTS)), base=cfg["modules"], meta=cfg.get("meta", {}),
                    source=str(path))
 
     @classmethod
     def from_model(cls, model: nn.Module, meta: dict[str, Any] | None = None) -> "Probe":
-        """Freeze the effective scales of every SVF layer in a (spectral-peft wrapped) model."""
+        """Freeze the effective scales of every SVF layer of a model wrapped by ``get_peft_model``."""
         from .adapters.svf import SVFLayer
         from .model import SpectralPeftModel
 
+        if not isinstance(model, SpectralPeftModel):
+            raise InputError(f"Probe.from_model takes a model wrapped with method svf, got {type(model).__name__}")
         scales, base = {}, {}
-        root = model.base_model if isinstance(model, SpectralPeftModel) else model
-        for name, module in root.named_modules():
-            if isinstance(module, SVFLayer):
-                scales[name] = module.scale().detach().float().cpu()
-                W = module.base_layer.weight
-                base[name] = {"shape": list(W.shape), "hash": weight_hash(W)}
+        for name, layer in model.spectral_layers().items():
+            if isinstance(layer, SVFLayer):
+                scales[name] = layer.scale().detach().float().cpu()
+                base[name] = {"shape": list(layer.weight.shape), "hash": weight_hash(layer.weight)}
         if not scales:
-            raise ValueError("the model has no SVF layers to make a probe from")
+            raise InputError("the model has no SVF layers to make a probe from; wrap it with method svf")
         return cls(scales=scales, base=base, meta=dict(meta or {}))
 
 
@@ -123,11 +132,10 @@ def fold_expert(model: nn.Module, probe: Probe, svd_cache=None) -> nn.Module:
     """
     from .spectral import SVDCache
 
-    probe.check_base(model)
+    weights = probe.check_base(model)
     cache = svd_cache or SVDCache(None)
-    modules = dict(model.named_modules())
     for name, z in probe.scales.items():
-        W = modules[name].weight
+        W = weights[name]
         svd = cache.get(W, k=None)
         dW = (svd.U.float() * (svd.S.float() * (z.float().to(W.device) - 1.0))) @ svd.V.float().T
         W.copy_((W.float() + dW).to(W.dtype))
@@ -140,5 +148,5 @@ def load_probe(path: str | Path) -> Probe:
     if (path / "probe").is_dir() and not (path / PROBE_CONFIG).exists():
         path = path / "probe"
     if not (path / PROBE_CONFIG).is_file():
-        raise FileNotFoundError(f"no probe at {path} (train one with `spectral-peft svf`)")
+        raise MissingInputError(f"no probe at {path} (train one with `spectral-peft svf`)")
     return Probe.load(path)

@@ -1,6 +1,7 @@
-"""What every spectral adapter shares: the config base class and the wrapped-linear layer base class.
+"""What every spectral adapter shares: the config base class and the wrapped-matrix layer base class.
 
-A layer wraps a frozen ``nn.Linear`` (weight ``W``, ``m x n``) and adds an update ``dW = B_eff A_eff``:
+A layer wraps one frozen matrix ``W`` (``m x n``, the ``out x in`` view of :mod:`.matrices`: an ``nn.Linear``, a
+transformers ``Conv1D`` or one expert of a 3-D expert stack) and adds an update ``dW = B_eff A_eff``:
 ``y = W x + b + B_eff (A_eff x)``. The factors are computed in fp32 from the trainable parameters, so merging,
 exporting and the interference metrics all read the same ``dW``.
 """
@@ -15,17 +16,25 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..spectral import SVD
+from .experts import ExpertMatrix
+from .matrices import layer_kind, weight_view
 
+# Llama's MLP projections (the benchmarks build Llama-shaped layers); the "mlp" target resolves per architecture
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+TARGET_RULES = ("all-linear", "mlp")
 
 
 @dataclass
 class AdapterConfig:
     """Fields shared by every spectral adapter.
 
-    ``target_modules``: module-name suffixes to adapt, or ``"all-linear"`` (every ``nn.Linear`` but the output
-    head); ``None`` takes the method's default. ``exclude_modules``: suffixes never adapted.
+    ``target_modules``: module-name suffixes to adapt (an expert stack is matched by its module, its parameter path
+    or its expert's name ``module.param.e``), or a rule: ``"all-linear"`` (every linear, Conv1D and expert matrix but
+    the output head) or ``"mlp"`` (the MLP matrices, resolved per architecture; docs/architectures.md). The rules leave
+    out matrices whose ``min(m, n)`` is below :meth:`rank_need`; named targets that small are refused. ``None`` takes
+    the method's default. ``exclude_modules``: suffixes never adapted.
     """
 
     method: ClassVar[str] = ""
@@ -39,21 +48,32 @@ class AdapterConfig:
             self.target_modules = (
                 self.default_targets if isinstance(self.default_targets, str) else list(self.default_targets)
             )
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_RULES:
             self.target_modules = [self.target_modules]
         self.validate()
 
     def validate(self) -> None:
         """Check field ranges that do not depend on the model; raise ``ValueError`` with a one-line reason."""
 
+    def rank_need(self) -> int:
+        """The smallest ``min(m, n)`` a matrix needs for this config."""
+        return 1
+
+    def need_text(self) -> str:
+        """What :meth:`rank_need` counts, for error messages (e.g. ``"rank r=8"``)."""
+        return "one singular triplet"
+
     def check_shape(self, name: str, shape: tuple[int, int]) -> None:
         """Refuse a target whose shape does not fit this config (called for all targets before any change)."""
+        if min(shape) < self.rank_need():
+            raise InputError(f"{name}: {self.need_text()} is larger than min(m, n)={min(shape)} of its "
+                             f"{shape[0]}x{shape[1]} matrix; lower it or leave the module out (exclude_modules)")
 
     def svd_rank(self, shape: tuple[int, int]) -> int | None:
         """How many leading triplets a layer needs (``None``: all of them)."""
         return None
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD | None) -> "SpectralLayer":
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD | None) -> "SpectralLayer":
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,11 +91,9 @@ class AdapterConfig:
         return cls.from_dict(d)
 
 
-def check_rank(r: int, shape: tuple[int, int], what: str = "rank r") -> None:
-    """Refuse a rank that does not fit the matrix."""
-    r0 = min(shape)
-    if r > r0:
-        raise ValueError(f"{what}={r} is larger than min(m, n)={r0} of a {shape[0]}x{shape[1]} matrix")
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """``W`` (``m x n``) of a linear layer, a Conv1D or an :class:`ExpertMatrix`, as a view of the stored weight."""
+    return base_layer.weight if isinstance(base_layer, ExpertMatrix) else weight_view(base_layer)
 
 
 def init_lora_factors(r: int, shape: tuple[int, int]) -> tuple[nn.Parameter, nn.Parameter]:
@@ -87,19 +105,28 @@ def init_lora_factors(r: int, shape: tuple[int, int]) -> tuple[nn.Parameter, nn.
 
 
 class SpectralLayer(nn.Module):
-    """``y = base(x) + dW x`` with ``dW = B_eff A_eff`` (fp32), unless merged or disabled."""
+    """``y = base(x) + dW x`` with ``dW = B_eff A_eff`` (fp32), unless merged or disabled.
 
-    def __init__(self, base_layer: nn.Linear):
+    ``weight`` is ``W`` as an ``m x n`` view of the base layer's stored weight (``kind``: ``linear``, ``conv1d`` or
+    ``expert``); merging writes through it.
+    """
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"spectral adapters wrap nn.Linear layers, got {type(base_layer).__name__}")
+        if layer_kind(base_layer) is None and not isinstance(base_layer, ExpertMatrix):
+            raise TypeError(f"spectral adapters wrap linear layers, Conv1D layers and expert matrices, got "
+                            f"{type(base_layer).__name__}")
         self.base_layer = base_layer
         self.merged = False
         self.disabled = False
 
     @property
+    def kind(self) -> str:
+        return "expert" if isinstance(self.base_layer, ExpertMatrix) else layer_kind(self.base_layer)
+
+    @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return base_weight(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -107,7 +134,7 @@ class SpectralLayer(nn.Module):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.base_layer.weight.shape)
+        return tuple(self.weight.shape)
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B_eff, A_eff)`` with ``dW = B_eff @ A_eff``, in fp32."""
@@ -132,16 +159,16 @@ class SpectralLayer(nn.Module):
     def merge(self) -> None:
         """Write ``W <- W + dW`` into the base layer."""
         if not self.merged:
-            W = self.base_layer.weight
+            W = self.weight
             W.copy_((W.float() + self.delta_weight()).to(W.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            W = self.base_layer.weight
+            W = self.weight
             W.copy_((W.float() - self.delta_weight()).to(W.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+        return f"kind={self.kind}, shape={self.shape}"

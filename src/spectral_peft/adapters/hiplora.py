@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..spectral import SVD
-from .base import SpectralLayer
+from .base import SpectralLayer, base_weight
 from .projected_lora import ProjectedLoRA, TopKLowRankConfig
+from ..errors import InputError
 
 BUDGET_MODES = ("constraint", "penalty", "none")
 
@@ -75,16 +76,16 @@ class HiPLoRAConfig(TopKLowRankConfig):
     def validate(self) -> None:
         super().validate()
         if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+            raise InputError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
         if self.budget_eps is not None and self.budget_eps < 0:
-            raise ValueError(f"budget_eps must be >= 0, got {self.budget_eps}")
+            raise InputError(f"budget_eps must be >= 0, got {self.budget_eps}")
         if self.budget_rho < 0:
-            raise ValueError(f"budget_rho must be >= 0, got {self.budget_rho}")
+            raise InputError(f"budget_rho must be >= 0, got {self.budget_rho}")
         if self.budget_lambda < 0:
-            raise ValueError(f"budget_lambda must be >= 0, got {self.budget_lambda}")
+            raise InputError(f"budget_lambda must be >= 0, got {self.budget_lambda}")
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "HiPLoRALayer":
-        shape = tuple(base_layer.weight.shape)
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD) -> "HiPLoRALayer":
+        shape = tuple(base_weight(base_layer).shape)
         lora = ProjectedLoRA(shape, self.r, self.scaling, svd.U, svd.V)
         w = budget_weights(svd.S.float(), self.budget_power)
         eps = self.budget_eps if self.budget_eps is not None else float(self.budget_rho**2 * (w * svd.S**2).sum())
@@ -94,7 +95,7 @@ class HiPLoRAConfig(TopKLowRankConfig):
 class HiPLoRALayer(SpectralLayer):
     """Principal gain ``hip_phi`` on the top-k triplets plus a doubly projected residual LoRA."""
 
-    def __init__(self, base_layer: nn.Linear, svd: SVD, lora: ProjectedLoRA, weights: torch.Tensor, eps: float):
+    def __init__(self, base_layer: nn.Module, svd: SVD, lora: ProjectedLoRA, weights: torch.Tensor, eps: float):
         super().__init__(base_layer)
         self.hip_phi = nn.Parameter(torch.zeros(svd.rank))
         self.lora = lora

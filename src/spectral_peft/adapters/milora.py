@@ -26,14 +26,14 @@ class MiLoRAConfig(LowRankConfig):
 
     method: ClassVar[str] = "milora"
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "MiLoRALayer":
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD) -> "MiLoRALayer":
         return MiLoRALayer(base_layer, svd.bottom(self.r), self.scaling)
 
 
 class MiLoRALayer(SpectralLayer):
     """``dW = s (B A - B_0 A_0)`` with ``B``, ``A`` trainable from the minor-triplet init."""
 
-    def __init__(self, base_layer: nn.Linear, minor: SVD, scaling: float):
+    def __init__(self, base_layer: nn.Module, minor: SVD, scaling: float):
         super().__init__(base_layer)
         self.scaling = scaling
         root = torch.sqrt(minor.S.float() / scaling)

@@ -12,6 +12,7 @@ from typing import ClassVar
 from torch import nn
 
 from ..spectral import SVD
+from .base import base_weight
 from .projected_lora import ProjectedLoRA, ProjectedLoRALayer, TopKLowRankConfig
 
 
@@ -21,6 +22,6 @@ class OPLoRAConfig(TopKLowRankConfig):
 
     method: ClassVar[str] = "oplora"
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> ProjectedLoRALayer:
-        lora = ProjectedLoRA(tuple(base_layer.weight.shape), self.r, self.scaling, svd.U, svd.V)
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD) -> ProjectedLoRALayer:
+        lora = ProjectedLoRA(tuple(base_weight(base_layer).shape), self.r, self.scaling, svd.U, svd.V)
         return ProjectedLoRALayer(base_layer, lora)

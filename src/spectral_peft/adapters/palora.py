@@ -7,7 +7,8 @@ protected expert triplet is kept exactly. The soft variant uses ``P_L = I - U di
 ``w_i = d_i / max(d)`` over all indices. Relative to ``W`` the layer adds ``dW = U diag(sigma (z - 1)) V^T + dW_k``.
 
 ``expert_mode="fold"`` keeps ``W_e`` as a frozen buffer (the speed of LoRA, one extra copy of each target weight);
-``"factorised"`` computes ``W x + U (sigma (z - 1) * V^T x)`` (no copy, about one more matmul per token).
+``"factorised"`` computes ``W x + U (sigma (z - 1) * V^T x)`` (no copy, about one more matmul per token). An expert
+of a 3-D MoE stack keeps no folded copy: its :class:`~.experts.ExpertsLayer` adds the whole ``dW`` to the stack.
 ``place="inside"`` is an ablation: the update is forced *into* the protected subspace,
 ``dW_k = s U_S U_S^T B A V_S V_S^T``, so that PALoRA's placement can be compared with its opposite.
 Matrices the probe does not cover are adapted by plain LoRA (``uncovered="unconstrained"``) or left alone
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..probe import SELECTION_RULES, Probe
 from ..spectral import SVD
-from .base import MLP_MODULES, SpectralLayer
+from .base import SpectralLayer, base_weight
 from .projected_lora import LowRankConfig, ProjectedLoRA, ProjectedLoRALayer
 
 UNCOVERED = ("unconstrained", "skip")
@@ -45,7 +47,7 @@ class PALoRAConfig(LowRankConfig):
     """
 
     method: ClassVar[str] = "palora"
-    default_targets: ClassVar[tuple[str, ...]] = MLP_MODULES
+    default_targets: ClassVar[str] = "mlp"
 
     probe: Any = None
     selection: str = "top_fraction"
@@ -61,19 +63,19 @@ class PALoRAConfig(LowRankConfig):
     def validate(self) -> None:
         super().validate()
         if self.selection not in (*SELECTION_RULES, "explicit"):
-            raise ValueError(f"selection must be one of {(*SELECTION_RULES, 'explicit')}, got {self.selection!r}")
+            raise InputError(f"selection must be one of {(*SELECTION_RULES, 'explicit')}, got {self.selection!r}")
         if self.selection == "explicit" and self.protected_indices is None:
-            raise ValueError("selection='explicit' needs protected_indices")
+            raise InputError("selection='explicit' needs protected_indices")
         if not 0 <= self.rho <= 1 or not 0 <= self.q <= 1 or self.tau < 0:
-            raise ValueError(f"need 0 <= rho <= 1, 0 <= q <= 1 and tau >= 0 (got {self.rho}, {self.q}, {self.tau})")
+            raise InputError(f"need 0 <= rho <= 1, 0 <= q <= 1 and tau >= 0 (got {self.rho}, {self.q}, {self.tau})")
         if self.uncovered not in UNCOVERED:
-            raise ValueError(f"uncovered must be one of {UNCOVERED}, got {self.uncovered!r}")
+            raise InputError(f"uncovered must be one of {UNCOVERED}, got {self.uncovered!r}")
         if self.expert_mode not in EXPERT_MODES:
-            raise ValueError(f"expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
+            raise InputError(f"expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
         if self.place not in PLACES:
-            raise ValueError(f"place must be one of {PLACES}, got {self.place!r}")
+            raise InputError(f"place must be one of {PLACES}, got {self.place!r}")
         if self.probe is None:
-            raise ValueError("PALoRA needs a probe (a probe directory or a Probe)")
+            raise InputError("PALoRA needs a probe (a probe directory or a Probe)")
         if not isinstance(self.probe, Probe):
             self.probe = Probe.load(self.probe)
 
@@ -102,15 +104,16 @@ class PALoRAConfig(LowRankConfig):
     def check_shape(self, name: str, shape: tuple[int, int]) -> None:
         super().check_shape(name, shape)
         if self.covers(name) and self.probe.scales[name].numel() != min(shape):
-            raise ValueError(f"probe for {name!r} has {self.probe.scales[name].numel()} scales, matrix has {min(shape)}")
+            raise InputError(f"{name}: the probe has {self.probe.scales[name].numel()} scales, the matrix has "
+                             f"min(m, n)={min(shape)}; use the probe trained on this model")
 
     def protected(self, name: str) -> torch.Tensor:
         if self.selection == "explicit":
             return torch.as_tensor(self.protected_indices.get(name, []), dtype=torch.long)
         return self.probe.select(name, self.selection, rho=self.rho, tau=self.tau, q=self.q)
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> SpectralLayer:
-        shape = tuple(base_layer.weight.shape)
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD) -> SpectralLayer:
+        shape = tuple(base_weight(base_layer).shape)
         scaling = self.scaling
         if not self.covers(name):
             empty = svd.U[:, :0]
@@ -132,7 +135,7 @@ class PALoRALayer(SpectralLayer):
     """Frozen SVF expert (``expert_scale``) plus a projected LoRA; ``protected_index`` is the set ``S``."""
 
     def __init__(
-        self, base_layer: nn.Linear, svd: SVD, z: torch.Tensor, index: torch.Tensor, lora: ProjectedLoRA, mode: str
+        self, base_layer: nn.Module, svd: SVD, z: torch.Tensor, index: torch.Tensor, lora: ProjectedLoRA, mode: str
     ):
         super().__init__(base_layer)
         self.expert_mode = mode
@@ -143,8 +146,9 @@ class PALoRALayer(SpectralLayer):
         self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
         self.register_buffer("V", svd.V.float().contiguous(), persistent=False)
         W_e = None
-        if mode == "fold":
-            W_e = (base_layer.weight.float() + self.expert_delta_weight()).to(base_layer.weight.dtype)
+        if mode == "fold" and self.kind != "expert":  # an expert matrix is applied by its ExpertsLayer, never here
+            W = self.weight
+            W_e = (W.float() + self.expert_delta_weight()).to(W.dtype)
         self.register_buffer("expert_weight", W_e, persistent=False)
 
     def expert_delta_weight(self) -> torch.Tensor:

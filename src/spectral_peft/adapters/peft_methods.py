@@ -6,6 +6,7 @@ from typing import Any
 
 from peft import LoraConfig
 from peft.tuners.lora.config import CordaConfig
+from ..errors import InputError
 
 PEFT_METHODS = ("lora", "dora", "pissa", "corda")
 
@@ -24,7 +25,7 @@ def peft_lora_config(
     ``pissa_niter_K`` for the fast randomised init) or CorDA (``init_lora_weights="corda"``; needs calibration data
     at ``get_peft_model`` time)."""
     if method not in PEFT_METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; use one of {PEFT_METHODS}")
+        raise InputError(f"unknown PEFT method {method!r}; use one of {PEFT_METHODS}")
     common = dict(r=r, lora_alpha=lora_alpha, target_modules=target_modules, use_rslora=use_rslora,
                   lora_dropout=0.0, task_type="CAUSAL_LM", **kwargs)
     if method == "dora":

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AdapterConfig, SpectralLayer, check_rank, init_lora_factors
+from ..errors import InputError
+from .base import AdapterConfig, SpectralLayer, init_lora_factors
 
 SVD_METHODS = ("exact", "randomized")
 
@@ -39,10 +40,13 @@ class LowRankConfig(AdapterConfig):
 
     def validate(self) -> None:
         if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+            raise InputError(f"r must be >= 1, got {self.r}")
 
-    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
-        check_rank(self.r, shape)
+    def rank_need(self) -> int:
+        return self.r
+
+    def need_text(self) -> str:
+        return f"rank r={self.r}"
 
 
 @dataclass
@@ -55,14 +59,15 @@ class TopKLowRankConfig(LowRankConfig):
     def validate(self) -> None:
         super().validate()
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise InputError(f"k must be >= 1, got {self.k}")
         if self.svd_method not in SVD_METHODS:
-            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+            raise InputError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
 
-    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
-        super().check_shape(name, shape)
-        if self.k + self.r > min(shape):
-            raise ValueError(f"{name}: k + r = {self.k + self.r} exceeds min(m, n) = {min(shape)}")
+    def rank_need(self) -> int:
+        return self.k + self.r
+
+    def need_text(self) -> str:
+        return f"k + r = {self.k + self.r}"
 
     def svd_rank(self, shape: tuple[int, int]) -> int:
         return self.k
@@ -123,9 +128,9 @@ class ProjectedLoRA(nn.Module):
 
 
 class ProjectedLoRALayer(SpectralLayer):
-    """A linear layer with a projected LoRA update (OPLoRA; PALoRA without an expert)."""
+    """A matrix with a projected LoRA update (OPLoRA; PALoRA without an expert)."""
 
-    def __init__(self, base_layer: nn.Linear, lora: ProjectedLoRA):
+    def __init__(self, base_layer: nn.Module, lora: ProjectedLoRA):
         super().__init__(base_layer)
         self.lora = lora
 

@@ -12,6 +12,7 @@ from .palora import PALoRAConfig
 from .peft_methods import PEFT_METHODS, peft_lora_config
 from .svf import SVFConfig
 from .svft import SVFTConfig
+from ..errors import InputError
 
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     cls.method: cls for cls in (SVFConfig, SVFTConfig, OPLoRAConfig, PALoRAConfig, HiPLoRAConfig, MiLoRAConfig)
@@ -25,5 +26,5 @@ def method_config(name: str, **kwargs: Any):
     if key in PEFT_METHODS:
         return peft_lora_config(key, **kwargs)
     if key not in CONFIG_CLASSES:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return CONFIG_CLASSES[key](**kwargs)

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..spectral import SVD
-from .base import MLP_MODULES, AdapterConfig, SpectralLayer
+from .base import AdapterConfig, SpectralLayer
 
 PARAMETERISATIONS = ("plain", "sigmoid")
 FORWARD_MODES = ("auto", "factorised", "recompose")
@@ -43,25 +44,25 @@ class SVFConfig(AdapterConfig):
     ``"recompose"``."""
 
     method: ClassVar[str] = "svf"
-    default_targets: ClassVar[tuple[str, ...]] = MLP_MODULES
+    default_targets: ClassVar[str] = "mlp"
 
     parameterisation: str = "plain"
     forward_mode: str = "auto"
 
     def validate(self) -> None:
         if self.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
+            raise InputError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
         if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+            raise InputError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "SVFLayer":
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD) -> "SVFLayer":
         return SVFLayer(base_layer, svd, self.parameterisation, self.forward_mode)
 
 
 class SVFLayer(SpectralLayer):
     """``dW = U diag(sigma * (z - 1)) V^T`` with trainable ``svf_param`` (length ``r0``)."""
 
-    def __init__(self, base_layer: nn.Linear, svd: SVD, parameterisation: str, forward_mode: str):
+    def __init__(self, base_layer: nn.Module, svd: SVD, parameterisation: str, forward_mode: str):
         super().__init__(base_layer)
         self.parameterisation = parameterisation
         self.forward_mode = forward_mode

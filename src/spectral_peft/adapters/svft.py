@@ -18,6 +18,7 @@ from torch import nn
 
 from ..spectral import SVD
 from .base import AdapterConfig, SpectralLayer
+from ..errors import InputError
 
 PATTERNS = ("plain", "banded", "random", "top_k")
 
@@ -42,7 +43,7 @@ def sparsity_pattern(r0: int, pattern: str, d: int = 0, k: int = 0, seed: int = 
     if pattern == "top_k":
         rows, cols = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
         return rows.reshape(-1), cols.reshape(-1)
-    raise ValueError(f"unknown SVFT pattern {pattern!r}; use one of {PATTERNS}")
+    raise InputError(f"unknown SVFT pattern {pattern!r}; use one of {PATTERNS}")
 
 
 @dataclass
@@ -58,17 +59,19 @@ class SVFTConfig(AdapterConfig):
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+            raise InputError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if self.d < 0:
-            raise ValueError(f"d must be >= 0, got {self.d}")
+            raise InputError(f"d must be >= 0, got {self.d}")
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise InputError(f"k must be >= 1, got {self.k}")
 
-    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
-        if self.pattern == "top_k" and self.k > min(shape):
-            raise ValueError(f"{name}: k={self.k} is larger than min(m, n)={min(shape)}")
+    def rank_need(self) -> int:
+        return self.k if self.pattern == "top_k" else 1
 
-    def make_layer(self, name: str, base_layer: nn.Linear, svd: SVD) -> "SVFTLayer":
+    def need_text(self) -> str:
+        return f"k={self.k}" if self.pattern == "top_k" else super().need_text()
+
+    def make_layer(self, name: str, base_layer: nn.Module, svd: SVD) -> "SVFTLayer":
         rows, cols = sparsity_pattern(svd.rank, self.pattern, d=self.d, k=self.k, seed=self.seed)
         return SVFTLayer(base_layer, svd, rows, cols)
 
@@ -76,7 +79,7 @@ class SVFTConfig(AdapterConfig):
 class SVFTLayer(SpectralLayer):
     """``dW = U M V^T`` with ``M[rows, cols] = svft_values`` (trainable) and zero elsewhere."""
 
-    def __init__(self, base_layer: nn.Linear, svd: SVD, rows: torch.Tensor, cols: torch.Tensor):
+    def __init__(self, base_layer: nn.Module, svd: SVD, rows: torch.Tensor, cols: torch.Tensor):
         super().__init__(base_layer)
         self.svft_values = nn.Parameter(torch.zeros(rows.numel()))
         self.diagonal = bool(torch.equal(rows, cols))

@@ -37,6 +37,9 @@ from scipy.linalg import subspace_angles
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.matrices import matrix_weights
+from ..errors import InputError
+
 INTERFERENCE_METRICS = ("energy_fraction", "invariance", "left_angle_max", "right_angle_max", "left_angle_mean",
                         "right_angle_mean", "sv_rel_change", "sv_max_rel_change")
 
@@ -64,10 +67,10 @@ def _svd64(matrix: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def spectral_interference(W: torch.Tensor, dW: torch.Tensor, k: int) -> Interference:
     """Interference metrics of the update ``dW`` on the top-``k`` singular triplets of ``W`` (float64, exact SVDs)."""
     if W.dim() != 2 or W.shape != dW.shape:
-        raise ValueError(f"W and dW must be matrices of one shape, got {tuple(W.shape)} and {tuple(dW.shape)}")
+        raise InputError(f"W and dW must be matrices of one shape, got {tuple(W.shape)} and {tuple(dW.shape)}")
     r0 = min(W.shape)
     if not 1 <= k <= r0:
-        raise ValueError(f"k={k} is out of range for a {tuple(W.shape)} matrix (1 <= k <= {r0})")
+        raise InputError(f"k={k} is out of range for a {tuple(W.shape)} matrix (1 <= k <= {r0})")
     U, S, V = _svd64(W)
     U2, S2, V2 = _svd64(W.to(torch.float64) + dW.to(torch.float64))
     U, S, V, U2, S2, V2 = U[:, :k], S[:k], V[:, :k], U2[:, :k], S2[:k], V2[:, :k]
@@ -118,14 +121,14 @@ def interference_table(base_model: nn.Module, deltas: Mapping[str, torch.Tensor]
     ``base_model`` is the model the adapter was trained on; its weights are read, never changed. ``k`` is capped at
     each matrix's ``min(m, n)``. ``progress`` shows a bar over the matrices (two float64 SVDs each).
     """
-    modules = dict(base_model.named_modules())
-    missing = [n for n in deltas if n not in modules or not hasattr(modules[n], "weight")]
-    if missing:
-        raise ValueError(f"modules {missing} of the update are not weight-carrying modules of the base model")
+    try:
+        weights = matrix_weights(base_model, list(deltas))  # out x in views: Conv1D transposed, experts one by one
+    except KeyError as err:
+        raise InputError(f"matrices {err.args[0]} of the update are not matrices of the base model") from None
     rows = []
     names = sorted(deltas, key=lambda n: (parse_module_name(n)[0] or -1, n))
     for name in tqdm(names, desc="interference", disable=not progress):
-        W = modules[name].weight
+        W = weights[name]
         layer, matrix = parse_module_name(name)
         rows.append(InterferenceRow(name, layer, matrix, spectral_interference(W, deltas[name], min(k, *W.shape))))
     return rows
@@ -138,7 +141,7 @@ def plot_interference(rows_by_method: Mapping[str, Sequence[InterferenceRow]], m
     Returns a pyplot-free ``Figure`` (rendered by Agg on ``savefig``; no global backend is set).
     """
     if metric not in INTERFERENCE_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {INTERFERENCE_METRICS}")
+        raise InputError(f"unknown metric {metric!r}; use one of {INTERFERENCE_METRICS}")
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
     for method, rows in rows_by_method.items():
@@ -171,12 +174,12 @@ class Degradation:
 
     def __post_init__(self):
         if set(self.scores_base) != set(self.scores_adapted):
-            raise ValueError(f"base and adapted scores cover different tasks: {sorted(self.scores_base)} vs "
+            raise InputError(f"base and adapted scores cover different tasks: {sorted(self.scores_base)} vs "
                              f"{sorted(self.scores_adapted)}")
         bad = sorted({t for scores in (self.scores_base, self.scores_adapted) for t, s in scores.items()
                       if not 0 <= s <= 1})
         if bad:
-            raise ValueError(f"scores must be accuracies in [0, 1]; tasks {bad} are not")
+            raise InputError(f"scores must be accuracies in [0, 1]; tasks {bad} are not")
 
     @property
     def delta_nll(self) -> float:

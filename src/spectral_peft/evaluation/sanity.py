@@ -26,6 +26,8 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.matrices import matrix_weights
+from ..errors import InputError
 from ..merging import applied_deltas
 
 PERTURBATIONS = ("flip", "noise", "zero")
@@ -35,7 +37,7 @@ def direction_perturbation(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, i:
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """``dW`` that applies perturbation ``kind`` to triplet ``i`` of ``W = U diag(S) V^T`` (module docstring)."""
     if kind not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {kind!r}; use one of {PERTURBATIONS}")
+        raise InputError(f"unknown perturbation {kind!r}; use one of {PERTURBATIONS}")
     u, v, s = U[:, i], V[:, i], S[i]
     if kind == "flip":
         return -2 * s * torch.outer(u, v)
@@ -71,7 +73,7 @@ def correlate(sigma: Sequence[float], loss_change: Sequence[float]) -> Correlati
     """The Table-6 correlations between singular values and the absolute loss changes."""
     s, d = np.asarray(sigma, dtype=np.float64), np.abs(np.asarray(loss_change, dtype=np.float64))
     if s.shape != d.shape or s.ndim != 1 or len(s) < 3:
-        raise ValueError(f"need equal-length 1-D samples of at least 3 points, got shapes {s.shape} and {d.shape}")
+        raise InputError(f"need equal-length 1-D samples of at least 3 points, got shapes {s.shape} and {d.shape}")
     pearson, spearman = stats.pearsonr(np.log1p(s), d), stats.spearmanr(s, d)
     return Correlation(float(pearson.statistic), float(pearson.pvalue), float(spearman.statistic),
                        float(spearman.pvalue))
@@ -120,7 +122,7 @@ def text_loss(tokenizer, texts: Sequence[str], max_length: int = 256) -> Callabl
     batch; padding is masked out of the loss."""
     enc = [tokenizer(t)["input_ids"][:max_length] for t in texts]
     if not enc or max(map(len, enc)) < 2:
-        raise ValueError("the loss batch needs at least one text of two or more tokens")
+        raise InputError("the loss batch needs at least one text of two or more tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(enc), max(map(len, enc))), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -139,24 +141,24 @@ def spectral_sanity(model: nn.Module, loss: Callable[[nn.Module], float], module
     it was (bit for bit). ``progress`` shows a bar over the (module, index) pairs.
     """
     if perturbation not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {perturbation!r}; use one of {PERTURBATIONS}")
-    named = dict(model.named_modules())
-    missing = [n for n in modules if n not in named or not hasattr(named[n], "weight")]
-    if missing:
-        raise ValueError(f"modules {missing} are not weight-carrying modules of the model")
+        raise InputError(f"unknown perturbation {perturbation!r}; use one of {PERTURBATIONS}")
+    try:
+        weights = matrix_weights(model, list(modules))  # out x in views: Conv1D transposed, experts one by one
+    except KeyError as err:
+        raise InputError(f"matrices {err.args[0]} are not matrices of the model") from None
     chosen: dict[str, list[int]] = {}
     for name in modules:
-        r0 = min(named[name].weight.shape)
+        r0 = min(weights[name].shape)
         chosen[name] = spread_indices(r0, indices) if isinstance(indices, int) else list(indices)
         bad = [i for i in chosen[name] if not 0 <= i < r0]
         if bad:
-            raise ValueError(f"{name}: singular indices {bad} are out of range 0..{r0 - 1}")
+            raise InputError(f"{name}: singular indices {bad} are out of range 0..{r0 - 1}")
     generator = torch.Generator().manual_seed(seed)
     base = float(loss(model))
     effects = []
     bar = tqdm(total=sum(map(len, chosen.values())), desc=f"sanity {perturbation}", disable=not progress)
     for name in modules:
-        W = named[name].weight.detach().cpu().to(torch.float64)
+        W = weights[name].detach().cpu().to(torch.float64)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         for i in chosen[name]:
             dW = direction_perturbation(U, S, Vh.T, i, perturbation, noise, generator)
