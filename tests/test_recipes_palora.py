@@ -14,8 +14,9 @@ from helpers import save_tiny_organism
 from spectral_peft import get_peft_model, method_config
 from spectral_peft.cli import main
 from spectral_peft.data import World, as_qa
-from spectral_peft.evaluation.injection import (EvalSettings, InjectionOutcome, InjectSettings, SplitSettings,
-                                                metric_items, summarise)
+from spectral_peft.evaluation.injection import EvalSettings, InjectionOutcome, metric_items, summarise
+from spectral_peft.evaluation.knowledge_split import SplitSettings
+from spectral_peft.training.injection import InjectSettings
 from spectral_peft.loading import ModelSource
 from spectral_peft.model import load_adapter
 from spectral_peft.probe import Probe, load_probe

@@ -1,13 +1,4 @@
-"""Knowledge injection (methods.md, after Pletenev et al.): which facts are injected and which measure retention, the
-injection training, and the evaluation suite with per-item outcomes.
-
-Facts (``facts``): ``organism``, the world's held-out facts (never in pretraining) are the candidates for injection
-and a sample of its known facts the candidates for retention; or a QA file (JSONL rows with ``question``,
-``answers``/``aliases``, optional ``paraphrases``, read with :func:`spectral_peft.data.real.load_qa`), whose rows are
-candidates for both. The candidates are categorised on the model that will be injected (the SVF expert) with
-:func:`~spectral_peft.evaluation.knowledge_categories` (few-shot exemplar windows from the world's known facts or from
-the same file, never the probed question): the first ``n_facts`` Unknown ones are injected, the HighlyKnown ones
-(``mix_known`` of them trained too) measure retention.
+"""The knowledge-injection evaluation suite (after Pletenev et al.), with per-item outcomes.
 
 Per-item outcomes of one model (:class:`InjectionOutcome`): greedy recall of every injected fact (0/1), its
 paraphrase recall (the fraction of its paraphrased questions answered), recall of every held-out HighlyKnown fact
@@ -26,79 +17,21 @@ the reference's mean), so :func:`summarise` takes its intervals from :mod:`.stat
 
 from __future__ import annotations
 
-import random
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from ..data import QAItem, World, as_qa, heldout_text, injection_pairs, load_task
-from ..methods import MethodSpec
-from ..probe import Probe
-from ..training.adapter import FinetuneSettings, train_adapter
-from ..training.loop import TrainResult
-from .knowledge import knowledge_categories, paraphrase_recall, recall
+from ..data import World, heldout_text, load_task
+from .knowledge import paraphrase_recall, recall
+from .knowledge_split import KnowledgeSplit
 from .perplexity import perplexity
 from .skills import skill_accuracy
 from .stats import bootstrap_ci, paired_difference_ci, proportion_ci
+from ..errors import InputError
 
-ORGANISM_FACTS = "organism"
 ORGANISM_SKILLS = ("math", "code", "science")
-
-
-# --- settings -------------------------------------------------------------------------------------------------------
-
-@dataclass
-class SplitSettings:
-    """How candidate facts are categorised on the expert and split.
-
-    Attributes:
-        n_candidates: candidates categorised for injection (organism: held-out facts; a QA file: rows, plus n_known);
-            None: 1.5 * n_facts + 8.
-        n_known: organism: known facts categorised as retention candidates; a QA file: rows probed beyond n_candidates.
-        n_known_eval: HighlyKnown facts held out to measure retention (at most).
-        mix_known: HighlyKnown facts mixed into the injection training.
-        n_windows: few-shot exemplar windows per question (greedy probes).
-        n_samples: sampled answers per question (T=0.7, top-p 0.9).
-    """
-
-    n_candidates: int | None = None
-    n_known: int = 100
-    n_known_eval: int = 80
-    mix_known: int = 0
-    n_windows: int = 10
-    n_samples: int = 4
-
-    def validate(self) -> None:
-        if self.n_candidates is not None and self.n_candidates < 1:
-            raise ValueError(f"split.n_candidates must be >= 1 (or None), got {self.n_candidates}")
-        if min(self.n_known, self.n_known_eval, self.mix_known, self.n_samples) < 0 or self.n_windows < 1:
-            raise ValueError("split sizes must be >= 0 (n_windows >= 1)")
-
-
-@dataclass
-class InjectSettings:
-    """The injection schedule (SFT on the facts' QA lines, AdamW, 3% warm-up, linear decay).
-
-    Attributes:
-        epochs: passes over the facts.
-        lr: learning rate (a method spec's lr= overrides it for that method).
-        batch_size: QA pairs per step.
-        paraphrases: question templates trained per fact (1: the main question only).
-    """
-
-    epochs: int = 20
-    lr: float = 3e-3
-    batch_size: int = 8
-    paraphrases: int = 1
-
-    def validate(self) -> None:
-        if min(self.epochs, self.batch_size, self.paraphrases) < 1 or not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ValueError("train.epochs, batch_size and paraphrases must be >= 1 and train.lr > 0")
 
 
 @dataclass
@@ -119,123 +52,7 @@ class EvalSettings:
 
     def validate(self) -> None:
         if min(self.n_skill, self.max_new_tokens, self.batch_size) < 1 or self.n_ppl < 0:
-            raise ValueError("eval.n_skill, max_new_tokens and batch_size must be >= 1 and eval.n_ppl >= 0")
-
-
-# --- facts and the knowledge split -------------------------------------------------------------------------------
-
-@dataclass
-class FactPool:
-    """Candidate facts: ``candidates`` for injection, ``known`` for retention (the same rows for a QA file, where
-    ``shared`` is true), and the few-shot ``exemplars`` of the categorisation."""
-
-    name: str
-    candidates: list[QAItem]
-    known: list[QAItem]
-    exemplars: list[QAItem]
-    shared: bool
-
-
-def check_facts_spec(spec: str) -> None:
-    """``organism`` or an existing QA file; a one-line error otherwise."""
-    if spec != ORGANISM_FACTS and not Path(spec).expanduser().is_file():
-        raise FileNotFoundError(f"--facts {spec}: no such file; give organism or a QA JSONL file "
-                                "(question, answers/aliases, paraphrases rows)")
-
-
-def load_facts(spec: str) -> FactPool:
-    """The facts ``spec`` names (see the module docstring)."""
-    check_facts_spec(spec)
-    if spec == ORGANISM_FACTS:
-        world = World()
-        known = [as_qa(f) for f in world.known_facts]
-        return FactPool(spec, [as_qa(f) for f in world.heldout_facts], known, known, shared=False)
-    from ..data.real import load_qa
-
-    rows = load_qa(str(Path(spec).expanduser()))
-    if len(rows) < 4:
-        raise ValueError(f"--facts {spec}: {len(rows)} rows; a QA file needs at least 4 (3 few-shot exemplars + 1)")
-    return FactPool(str(Path(spec).expanduser().absolute()), rows, rows, rows, shared=True)
-
-
-def _qa_from_dict(d: Mapping[str, Any]) -> QAItem:
-    return QAItem(d["id"], d["question"], d["answer"], tuple(d["aliases"]), tuple(d.get("paraphrases", ())))
-
-
-@dataclass
-class KnowledgeSplit:
-    """The facts of one injection run: ``inject`` (Unknown, trained), ``mix`` (HighlyKnown, trained), ``retain``
-    (HighlyKnown, held out) and the category counts of the probed candidates."""
-
-    inject: list[QAItem]
-    mix: list[QAItem] = field(default_factory=list)
-    retain: list[QAItem] = field(default_factory=list)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def training_pairs(self, paraphrases: int = 1) -> list[tuple[str, str]]:
-        """QA pairs of the trained facts (``inject`` then ``mix``)."""
-        return injection_pairs(self.inject + self.mix, paraphrases=paraphrases)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"inject": [asdict(f) for f in self.inject], "mix": [asdict(f) for f in self.mix],
-                "retain": [asdict(f) for f in self.retain], "counts": self.counts}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "KnowledgeSplit":
-        return cls(*([_qa_from_dict(f) for f in d[k]] for k in ("inject", "mix", "retain")), counts=dict(d["counts"]))
-
-
-def find_split(model, tokenizer, pool: FactPool, n_facts: int, settings: SplitSettings, seed: int = 0,
-               progress: bool = True) -> KnowledgeSplit:
-    """Categorise a seeded sample of the pool's candidates on ``model`` and split them (module docstring)."""
-    rng = random.Random(f"split/{seed}")
-    n_cand = settings.n_candidates or int(1.5 * n_facts) + 8
-    if pool.shared:
-        rows = list(pool.candidates)
-        rng.shuffle(rows)
-        probed = rows[:n_cand + settings.n_known]
-        injectable, retainable, groups = probed, probed, {"probed": probed}
-    else:
-        heldout, known = list(pool.candidates), list(pool.known)
-        rng.shuffle(heldout)
-        rng.shuffle(known)
-        injectable, retainable = heldout[:n_cand], known[:settings.n_known]
-        probed = injectable + retainable
-        groups = {"heldout_candidates": injectable, "known_sample": retainable}
-    cats = knowledge_categories(model, tokenizer, probed, exemplar_pool=pool.exemplars, n_windows=settings.n_windows,
-                                n_samples=settings.n_samples, seed=seed, progress=progress)
-    unknown = [f for f in injectable if cats.categories[f.id].value == "Unknown"]
-    if len(unknown) < n_facts:
-        raise ValueError(f"only {len(unknown)} of {len(injectable)} candidate facts are Unknown to the expert; ask for "
-                         f"fewer facts (--n-facts, now {n_facts}) or more candidates (--split.n-candidates)")
-    highly = [f for f in retainable if cats.categories[f.id].value == "HighlyKnown"]
-    counts = {g: _count(cats, facts) for g, facts in groups.items()}
-    mix = highly[:settings.mix_known]
-    return KnowledgeSplit(unknown[:n_facts], mix, highly[len(mix):len(mix) + settings.n_known_eval], counts)
-
-
-def _count(cats, facts: Sequence[QAItem]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for f in facts:
-        c = cats.categories[f.id].value
-        out[c] = out.get(c, 0) + 1
-    return out
-
-
-# --- injection training (CorDA's calibration) -----------------------------------------------------------------------
-
-def calibration_runner(tokenizer, task, n: int = 64) -> Callable[[nn.Module], None]:
-    """CorDA's calibration: run the model on ``n`` training examples of ``task`` (a task or a data spec; the data
-    whose behaviour is to be preserved), one at a time (PEFT's covariance hook squeezes the batch dimension)."""
-    task = load_task(task) if isinstance(task, str) else task
-    texts = [e.prompt + e.target for e in task.examples("train", n=n, seed=12345)]
-
-    @torch.no_grad()
-    def run(model: nn.Module) -> None:
-        for text in texts:
-            model(**tokenizer(text, return_tensors="pt"))
-
-    return run
+            raise InputError("eval.n_skill, max_new_tokens and batch_size must be >= 1 and eval.n_ppl >= 0")
 
 
 # --- the evaluation suite -------------------------------------------------------------------------------------------
@@ -262,20 +79,6 @@ def make_suite(split: KnowledgeSplit, skills: Sequence[str], tokenizer, settings
         tasks[name] = (task, task.examples("test", n=settings.n_skill))
     docs = heldout_text(settings.n_ppl, world=World()) if settings.n_ppl else []
     return Suite(split, tasks, docs, settings)
-
-
-def train_injection(base: nn.Module, tokenizer, spec: MethodSpec, suite: Suite, settings: InjectSettings, seed: int,
-                    probe: Probe, progress: bool = True) -> tuple[nn.Module, TrainResult]:
-    """Wrap ``base`` (fresh base weights; every method starts from the probe's expert, see ``methods.build_model``)
-    with ``spec`` and train it on the QA pairs of the suite's split; CorDA calibrates on the first retained skill's
-    training examples. Returns ``(model, history)``."""
-    pairs = suite.split.training_pairs(settings.paraphrases)
-    finetune = FinetuneSettings(n_train=len(pairs), n_eval=1, epochs=settings.epochs, lr=settings.lr,
-                                batch_size=settings.batch_size)
-    first_skill = next(iter(suite.skills.values()))[0]
-    calibration = calibration_runner(tokenizer, first_skill) if spec.method == "corda" else None
-    return train_adapter(base, tokenizer, spec, pairs, finetune, seed, probe=probe, calibration=calibration,
-                         desc=f"inject {spec.label}", progress=progress)
 
 
 @dataclass

@@ -20,16 +20,18 @@ from typing import Any
 import torch
 
 from ..data import check_task_spec, load_task
-from ..evaluation.injection import (ORGANISM_SKILLS, EvalSettings, InjectionOutcome, InjectSettings, KnowledgeSplit,
-                                    SplitSettings, check_facts_spec, evaluate_injection,
-                                    find_split, load_facts, make_suite, retention, summarise, summary_table,
-                                    tradeoff_points, train_injection)
+from ..data.chat import check_chat_mode
+from ..evaluation.injection import (EvalSettings, InjectionOutcome, ORGANISM_SKILLS, evaluate_injection, make_suite,
+                                    retention, summarise, summary_table, tradeoff_points)
+from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_facts_spec, find_split, load_facts
+from ..training.injection import InjectSettings, train_injection
 from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
 from ..probe import Probe, fold_expert
 from ..report import plot_loss, plot_skill_bars, plot_tradeoff, plot_training, probe_figures, probe_spread, save_figure
 from ..runs import RunDir, safe_name
 from ..training.svf_expert import SVFSettings, train_svf_expert
+from ..validation import check_at_least, check_distinct, check_finite_numbers, check_methods
 
 EXPERT = "svf-expert"
 NOT_RELOADABLE = ("pissa", "corda")
@@ -81,17 +83,17 @@ class Config:
         return MethodSpec(r=self.r, targets=self.targets)
 
     def validate(self) -> None:
-        parse_methods(self.methods, self.defaults())
-        check_model_name(self.model)
-        check_facts_spec(self.facts)
-        if not self.retain_skills:
-            raise ValueError("name at least one skill whose retention is measured (--retain-skills math,code,science)")
-        for spec in (self.skill, *self.retain_skills):
-            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
-        if self.n_facts < 1 or self.threads < 1:
-            raise ValueError(f"n_facts and threads must be >= 1, got {self.n_facts} and {self.threads}")
+        check_finite_numbers(self)
+        check_at_least(1, n_facts=self.n_facts, threads=self.threads)
         for part in (self.svf, self.split, self.train, self.eval):
             part.validate()
+        check_methods(self.methods, self.defaults())
+        check_distinct("retain_skills", self.retain_skills)
+        for spec in (self.skill, *self.retain_skills):
+            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
+        check_chat_mode(self.chat_template)
+        check_facts_spec(self.facts)
+        check_model_name(self.model)
 
 
 QUICK = {"svf.n_train": 256, "svf.n_val": 32, "svf.eval_every": 8, "n_facts": 16, "train.epochs": 10,

@@ -16,14 +16,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.injection import (EvalSettings, InjectionOutcome, KnowledgeSplit, evaluate_injection, make_suite,
-                                    retention, summarise, summary_table)
+from ..errors import InputError, MissingInputError
+from ..evaluation.injection import (EvalSettings, InjectionOutcome, evaluate_injection, make_suite, retention,
+                                    summarise, summary_table)
+from ..evaluation.knowledge_split import KnowledgeSplit
 from ..loading import ModelSource, check_model_name, seed_everything
 from ..methods import MethodSpec
 from ..model import load_adapter
 from ..probe import fold_expert, load_probe
 from ..report import md_table
 from ..runs import RunDir, read_json
+from ..validation import check_adapter, check_at_least, check_probe, read_json_file
 
 EXPERT = "svf-expert"
 NOT_RELOADABLE = ("pissa", "corda")
@@ -56,21 +59,27 @@ class Config:
         return read_json(Path(self.run_dir).expanduser() / "metrics.json")
 
     def validate(self) -> None:
+        check_at_least(1, threads=self.threads)
+        if self.n_skill is not None:
+            check_at_least(1, n_skill=self.n_skill)
+        if self.n_ppl is not None:
+            check_at_least(0, n_ppl=self.n_ppl)
         path = Path(self.run_dir).expanduser()
         if not all((path / f).exists() for f in ("metrics.json", "facts.json", "adapter")):
-            raise FileNotFoundError(f"{self.run_dir} is not an injection run directory (needs metrics.json, facts.json "
-                                    "and adapter/ from spectral-peft inject)")
-        saved = self.saved()
+            raise MissingInputError(f"{self.run_dir} is not an injection run directory (needs metrics.json, "
+                                    "facts.json and adapter/ from spectral-peft inject)")
+        saved = read_json_file(path / "metrics.json", "an injection run's metrics")
+        needed = ("method", "spec", "probe", "model", "eval", "skills", "chat_template")
+        if not isinstance(saved, dict) or not all(k in saved for k in needed) or "method" not in saved["spec"]:
+            raise InputError(f"{path / 'metrics.json'} is not from spectral-peft inject (it needs {', '.join(needed)})")
+        read_json_file(path / "facts.json", "the injected facts")
         method = saved["spec"]["method"]
         if method in NOT_RELOADABLE:
-            raise ValueError(f"{saved['method']}: a {method} adapter rewrites the base weights when created and cannot "
+            raise InputError(f"{saved['method']}: a {method} adapter rewrites the base weights when created and cannot "
                              f"be re-applied to the original base; its numbers are in {self.run_dir}/metrics.json")
-        if self.model is not None:
-            check_model_name(self.model)
-        if (self.n_skill is not None and self.n_skill < 1) or (self.n_ppl is not None and self.n_ppl < 0):
-            raise ValueError("n_skill must be >= 1 and n_ppl >= 0")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_adapter(path / "adapter")
+        check_probe(saved["probe"])
+        check_model_name(self.model if self.model is not None else saved["model"])
 
 
 QUICK = {"n_skill": 24, "n_ppl": 10}

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ..data import check_task_spec
-from ..evaluation.injection import (ORGANISM_SKILLS, EvalSettings, InjectionOutcome, InjectSettings, KnowledgeSplit,
-                                    SplitSettings, check_facts_spec, evaluate_injection,
-                                    find_split, load_facts, make_suite, retention, summarise, summary_table,
-                                    train_injection)
+from ..data.chat import check_chat_mode
+from ..evaluation.injection import (EvalSettings, InjectionOutcome, ORGANISM_SKILLS, evaluate_injection, make_suite,
+                                    retention, summarise, summary_table)
+from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_facts_spec, find_split, load_facts
+from ..training.injection import InjectSettings, train_injection
 from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_method
 from ..probe import fold_expert, load_probe
 from ..report import plot_loss, save_figure
 from ..runs import RunDir
+from ..validation import check_at_least, check_distinct, check_finite_numbers, check_method, check_probe
 
 EXPERT = "svf-expert"
 
@@ -79,19 +81,19 @@ class Config:
         return MethodSpec(r=self.r, targets=self.targets)
 
     def validate(self) -> None:
-        parse_method(self.method, self.defaults())
-        load_probe(self.probe)
-        check_facts_spec(self.facts)
-        if not self.skill:
-            raise ValueError("name at least one skill whose retention is measured (--skill math,code,science)")
-        for spec in self.skill:
-            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
-        check_model_name(self.model)
-        if self.n_facts < 1 or self.threads < 1:
-            raise ValueError(f"n_facts and threads must be >= 1, got {self.n_facts} and {self.threads}")
+        check_finite_numbers(self)
+        check_at_least(1, n_facts=self.n_facts, threads=self.threads)
         self.split.validate()
         self.train.validate()
         self.eval.validate()
+        check_method(self.method, self.defaults())
+        check_distinct("skill", self.skill)
+        for spec in self.skill:
+            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
+        check_chat_mode(self.chat_template)
+        check_facts_spec(self.facts)
+        check_probe(self.probe)
+        check_model_name(self.model)
 
 
 QUICK = {"n_facts": 16, "train.epochs": 10, "split.n_known": 40, "split.n_known_eval": 32, "split.n_windows": 4,
@@ -158,7 +160,8 @@ def run(cfg: Config, run: RunDir) -> Result:
     run.write_json("facts.json", split.to_dict())
     suite = make_suite(split, cfg.skill, tok, cfg.eval, cfg.chat_template, cfg.allow_code_execution)
     expert_outcome = evaluate_injection(expert, tok, suite, cfg.progress)
-    model, history = train_injection(source.fresh(), tok, spec, suite, cfg.train, cfg.seed, probe, cfg.progress)
+    model, history = train_injection(source.fresh(), tok, spec, suite, cfg.train, cfg.seed, probe, cfg.progress,
+                                     checkpoint_dir=run.file("checkpoint"))
     model.save_pretrained(run.file("adapter"))
     n_base = source.n_parameters
     return Result(spec=spec, probe=str(Path(probe.source).absolute()), model=_portable(cfg.model), facts=pool.name,

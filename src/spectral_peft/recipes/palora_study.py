@@ -25,16 +25,19 @@ from functools import partial
 from typing import Any
 
 from ..data import check_task_spec, load_task
-from ..evaluation.injection import (ORGANISM_SKILLS, EvalSettings, InjectionOutcome, InjectSettings, KnowledgeSplit,
-                                    SplitSettings, Suite, check_facts_spec, evaluate_injection,
-                                    find_split, load_facts, make_suite, retention, summarise, summary_table,
-                                    tradeoff_points, train_injection)
+from ..data.chat import check_chat_mode
+from ..errors import InputError
+from ..evaluation.injection import (EvalSettings, InjectionOutcome, ORGANISM_SKILLS, Suite, evaluate_injection,
+                                    make_suite, retention, summarise, summary_table, tradeoff_points)
+from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_facts_spec, find_split, load_facts
+from ..training.injection import InjectSettings, train_injection
 from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
 from ..probe import fold_expert, load_probe
 from ..report import plot_tradeoff
 from ..runs import RunDir
 from ..training.svf_expert import SVFSettings, train_svf_expert
+from ..validation import check_at_least, check_distinct, check_finite_numbers, check_methods
 
 EXPERT = "svf-expert"
 ALL_METHODS = ("palora,lora,dora,pissa,milora,oplora,svft,corda,hiplora,"
@@ -92,21 +95,20 @@ class Config:
         return MethodSpec(r=self.r, targets=self.targets)
 
     def validate(self) -> None:
-        labels = [s.label for s in parse_methods(self.methods, self.defaults())]
-        if self.baseline not in labels:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the methods ({', '.join(labels)})")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"give at least one seed, each once, got {list(self.seeds)}")
-        check_model_name(self.model)
-        check_facts_spec(self.facts)
-        if not self.retain_skills:
-            raise ValueError("name at least one skill whose retention is measured (--retain-skills math,code,science)")
-        for spec in (self.skill, *self.retain_skills):
-            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
-        if min(self.n_facts, self.threads, self.n_resamples) < 1:
-            raise ValueError("n_facts, threads and n_resamples must be >= 1")
+        check_finite_numbers(self)
+        check_at_least(1, n_facts=self.n_facts, threads=self.threads, n_resamples=self.n_resamples)
+        check_distinct("seeds", self.seeds)
         for part in (self.svf, self.split, self.train, self.eval):
             part.validate()
+        labels = [s.label for s in check_methods(self.methods, self.defaults())]
+        if self.baseline not in labels:
+            raise InputError(f"baseline {self.baseline!r} is not one of the methods ({', '.join(labels)})")
+        check_distinct("retain_skills", self.retain_skills)
+        for spec in (self.skill, *self.retain_skills):
+            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
+        check_chat_mode(self.chat_template)
+        check_facts_spec(self.facts)
+        check_model_name(self.model)
 
 
 QUICK = {"methods": "lora,palora,palora:protect=random", "seeds": (0, 1), "svf.n_train": 128, "svf.n_val": 16,

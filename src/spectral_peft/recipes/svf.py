@@ -18,12 +18,14 @@ from typing import Any
 import torch
 
 from ..data import check_task_spec, load_task
+from ..data.chat import check_chat_mode
 from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_model_name, seed_everything
 from ..probe import Probe
 from ..report import fmt_ci, plot_training, probe_figures
 from ..runs import RunDir
 from ..training.svf_expert import SVFSettings, check_objective, train_svf_expert
+from ..validation import check_at_least, check_finite_numbers
 
 
 @dataclass
@@ -54,12 +56,13 @@ class Config:
     progress: bool = True
 
     def validate(self) -> None:
-        check_task_spec(self.skill, allow_code_execution=self.allow_code_execution)
-        check_objective(self.objective)
-        check_model_name(self.model)
+        check_finite_numbers(self)
+        check_at_least(1, threads=self.threads)
         self.train.validate()
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_objective(self.objective)
+        check_task_spec(self.skill, allow_code_execution=self.allow_code_execution)
+        check_chat_mode(self.chat_template)
+        check_model_name(self.model)
 
 
 QUICK = {"train.n_train": 256, "train.n_val": 32, "train.eval_every": 8}
@@ -106,7 +109,8 @@ def run(cfg: Config, run: RunDir) -> Result:
     task = load_task(cfg.skill, tokenizer=source.tokenizer, chat_template=cfg.chat_template,
                      allow_code_execution=cfg.allow_code_execution)
     expert = train_svf_expert(source.fresh(), source.tokenizer, task, cfg.train, cfg.objective, cfg.seed,
-                              meta={"skill": cfg.skill, "model": source.name}, progress=cfg.progress)
+                              meta={"skill": cfg.skill, "model": source.name}, progress=cfg.progress,
+                              checkpoint_dir=run.file("checkpoint"))
     expert.save(run.path)
     return Result(skill=task.name, objective=cfg.objective, model=source.name,
                   metrics=expert.metrics(source.n_parameters), base_val_correct=expert.base_val_correct,

@@ -1,12 +1,15 @@
 """Train one adapter, named by a method spec, on prompt/target pairs: the fine-tuning step every recipe shares.
 
 The schedule is SFT (loss on the target tokens only) with AdamW, 3% warm-up and linear decay. HiP-LoRA's budget
-use ``R(phi) / eps`` (max and mean over layers) is logged at every step, so recipes can plot it.
+use ``R(phi) / eps`` (max and mean over layers) is logged at every step, so recipes can plot it. With a
+``checkpoint_dir`` training checkpoints every ``checkpoint_every`` steps and resumes from a checkpoint found there
+(:mod:`.loop`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,8 +18,9 @@ from torch import nn
 
 from ..methods import MethodSpec, build_model
 from ..probe import Probe
-from .loop import TrainConfig, TrainResult, train
+from .loop import CHECKPOINT_EVERY, TrainConfig, TrainResult, train
 from .objectives import SFTObjective
+from ..errors import InputError
 
 
 @dataclass
@@ -41,9 +45,9 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.n_eval, self.epochs, self.batch_size, self.max_new_tokens) < 1:
-            raise ValueError("n_train, n_eval, epochs, batch_size and max_new_tokens must be >= 1")
+            raise InputError("n_train, n_eval, epochs, batch_size and max_new_tokens must be >= 1")
         if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise InputError(f"lr must be a positive number, got {self.lr}")
 
 
 class BudgetLogging:
@@ -73,10 +77,15 @@ def final_budget_use(model: nn.Module) -> dict[str, float] | None:
 def train_adapter(base: nn.Module, tokenizer, spec: MethodSpec, pairs: Sequence[tuple[str, str]],
                   settings: FinetuneSettings, seed: int, probe: Probe | None = None,
                   calibration: Callable[[nn.Module], None] | None = None, desc: str = "train",
-                  progress: bool = True) -> tuple[nn.Module, TrainResult]:
-    """Wrap ``base`` (modified in place) with ``spec`` and train it on ``pairs``; returns ``(model, history)``."""
+                  progress: bool = True, checkpoint_dir: str | Path | None = None,
+                  checkpoint_every: int = CHECKPOINT_EVERY) -> tuple[nn.Module, TrainResult]:
+    """Wrap ``base`` (modified in place) with ``spec`` and train it on ``pairs``; returns ``(model, history)``.
+
+    ``checkpoint_dir``: resumable checkpoints every ``checkpoint_every`` steps (removed when training completes).
+    """
     model = build_model(spec, base, probe=probe, seed=seed, calibration=calibration)
     cfg = TrainConfig(epochs=settings.epochs, lr=spec.lr or settings.lr, batch_size=settings.batch_size,
-                      schedule="linear", warmup_ratio=0.03, seed=seed, keep_best=False, progress=progress, desc=desc)
+                      schedule="linear", warmup_ratio=0.03, seed=seed, keep_best=False, progress=progress, desc=desc,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     history = train(model, list(pairs), BudgetLogging(SFTObjective(tokenizer)), cfg)
     return model, history

@@ -4,11 +4,14 @@ SVF scales each singular value of the target matrices, ``W' = U diag(sigma z) V^
 ``sft``: cross-entropy on the task's worked solutions (train split). Objective ``reinforce``: greedy rollouts rewarded
 +1 / -1 by the task's checker, optionally with a KL penalty to the base. Validation accuracy (greedy, the task's
 checker, on its ``val`` split) is measured every ``eval_every`` steps and at the end, and the trainable state of the
-best validation step is kept. The kept scales become the :class:`~spectral_peft.probe.Probe`.
+best validation step is kept. The kept scales become the :class:`~spectral_peft.probe.Probe`. Each validation's
+per-example outcomes travel in the loop's validation record (so a resumed run still has the kept step's); with a
+``checkpoint_dir`` training resumes from a checkpoint found there (:mod:`.loop`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,9 @@ from ..evaluation import skill_accuracy
 from ..methods import TARGETS
 from ..model import get_peft_model
 from ..probe import Probe
-from .loop import TrainConfig, TrainResult, train
+from .loop import CHECKPOINT_EVERY, TrainConfig, TrainResult, train
 from .objectives import ReinforceObjective, SFTObjective
+from ..errors import InputError
 
 OBJECTIVES = ("sft", "reinforce")
 PARAMETERISATIONS = ("plain", "sigmoid")
@@ -58,19 +62,19 @@ class SVFSettings:
 
     def validate(self) -> None:
         if min(self.n_train, self.n_val, self.epochs, self.batch_size, self.eval_every, self.max_new_tokens) < 1:
-            raise ValueError("svf sizes (n_train, n_val, epochs, batch_size, eval_every, max_new_tokens) must be >= 1")
-        if not self.lr > 0 or self.kl_coef < 0:
-            raise ValueError(f"svf lr must be > 0 and kl_coef >= 0, got lr={self.lr}, kl_coef={self.kl_coef}")
+            raise InputError("svf sizes (n_train, n_val, epochs, batch_size, eval_every, max_new_tokens) must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise InputError(f"svf lr must be > 0 and kl_coef >= 0, got lr={self.lr}, kl_coef={self.kl_coef}")
         if self.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"unknown parameterisation {self.parameterisation!r}; choose from "
+            raise InputError(f"unknown parameterisation {self.parameterisation!r}; choose from "
                              f"{', '.join(PARAMETERISATIONS)}")
         if self.targets not in TARGETS:
-            raise ValueError(f"svf targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+            raise InputError(f"svf targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
 
 
 def check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+        raise InputError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
 
 
 @dataclass
@@ -110,36 +114,36 @@ def _mean(values: list[float]) -> float:
 
 
 def train_svf_expert(base: nn.Module, tokenizer, task, settings: SVFSettings, objective: str = "sft", seed: int = 0,
-                     meta: dict[str, Any] | None = None, progress: bool = True) -> SVFExpert:
+                     meta: dict[str, Any] | None = None, progress: bool = True,
+                     checkpoint_dir: str | Path | None = None, checkpoint_every: int = CHECKPOINT_EVERY) -> SVFExpert:
     """Train an SVF expert on ``task`` from ``base`` (wrapped in place) and freeze its probe (``meta`` is recorded
-    in it, with the validation accuracies)."""
+    in it, with the validation accuracies). ``checkpoint_dir``: resumable checkpoints every ``checkpoint_every``
+    steps (removed when training completes)."""
     settings.validate()
     check_objective(objective)
     train_ex = task.examples("train", n=settings.n_train, seed=seed)
     val_ex = task.examples("val", n=settings.n_val, seed=seed)
     budget = min(settings.max_new_tokens, getattr(task, "max_new_tokens", settings.max_new_tokens))
-    val_outcomes: list[list[float]] = []
 
-    def validate(model, show: bool = False) -> dict[str, float]:
+    def validate(model, show: bool = False) -> dict[str, Any]:
         res = skill_accuracy(model, tokenizer, task, examples=val_ex, max_new_tokens=budget, progress=show)
-        val_outcomes.append([float(c) for c in res.correct])
-        return {"score": res.accuracy, "accuracy": res.accuracy}
+        return {"score": res.accuracy, "accuracy": res.accuracy, "correct": [float(c) for c in res.correct]}
 
-    validate(base, show=progress)
-    base_val = val_outcomes.pop()
+    base_val = validate(base, show=progress)["correct"]
     model = get_peft_model(base, method_config("svf", parameterisation=settings.parameterisation,
                                                target_modules=TARGETS[settings.targets]), progress=progress)
     cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
                       schedule="cosine", warmup_ratio=0.05, eval_every=settings.eval_every, keep_best=True,
-                      progress=progress, desc=f"svf {task.name} ({objective})")
+                      progress=progress, desc=f"svf {task.name} ({objective})", checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every)
     if objective == "sft":
         obj, data = SFTObjective(tokenizer), [(e.prompt, e.target) for e in train_ex]
     else:
         obj = ReinforceObjective(tokenizer, task, kl_coef=settings.kl_coef, max_new_tokens=budget)
         data = train_ex
     history = train(model, data, obj, cfg, validate=validate)
-    steps = [v["step"] for v in history.validation]
-    kept = val_outcomes[steps.index(history.best_step)] if history.best_step is not None else val_outcomes[-1]
+    outcomes = {v["step"]: v.pop("correct") for v in history.validation}
+    kept = outcomes[history.best_step if history.best_step is not None else history.validation[-1]["step"]]
     probe = Probe.from_model(model, meta={**(meta or {}), "objective": objective, "seed": seed,
                                           "val_accuracy": _mean(kept), "base_val_accuracy": _mean(base_val)})
     return SVFExpert(model, probe, history, base_val, kept)
