@@ -109,3 +109,39 @@ def test_dashed_flags_bare_booleans_and_comma_lists(tmp_path, capsys):
     assert main(["finetune", "--chat-template", "sometimes", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "sometimes" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_unexpected_error_is_one_line_pointing_to_debug(monkeypatch, tmp_path, capsys):
+    def broken(cfg, run):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(recipe("finetune"), "run", broken)
+    out = tmp_path / "run"
+    assert main(["finetune", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == "error: RuntimeError: boom (rerun with --debug for the traceback)"
+    assert list(tmp_path.iterdir()) == []  # the work directory held no work: removed
+    assert main(["finetune", "--out", str(out), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err and err.strip().endswith("for the traceback)")
+
+
+def test_ctrl_c_exits_130_and_keeps_resumable_work(monkeypatch, tmp_path, capsys):
+    def interrupted(cfg, run):
+        run.unit("first", lambda: 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe("finetune"), "run", interrupted)
+    out = tmp_path / "run"
+    assert main(["finetune", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted") and "--resume" in err and "\n" not in err
+    assert (tmp_path / ".run.partial" / "units" / "first.json").exists() and not out.exists()
+
+
+def test_option_errors_name_the_flag_and_the_help(capsys):
+    assert main(["finetune", "--train.n-train", "many"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --train.n-train: expected int, got many; see spectral-peft "
+                                               "finetune --help")
+    assert main(["export", "--adapter"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "spectral-peft export --help" in err

@@ -10,22 +10,31 @@ remaining options are the fields of the recipe's ``Config`` (``--chat-template``
 option). A list option takes ``0,1,2`` or ``[0, 1, 2]``. The
 resolved config that actually ran is written to ``DIR/config.yaml``, which ``--config`` reads back.
 Only the chosen recipe is imported, so ``--help`` stays fast.
+
+Errors: every input is checked before any work starts (the recipe's ``Config.validate()``, then the run directory).
+A bad input (any :class:`~spectral_peft.errors.SpectralPeftError`, a ``ValueError``, ``KeyError``,
+``FileNotFoundError``, ``FileExistsError`` or ``NotADirectoryError``, or a bad option) prints one line, ``error:
+WHAT IS WRONG; WHAT TO DO``, and exits with status 2. Any other exception is a bug: one line ending "rerun with
+--debug for the traceback", exit status 1 (``--debug`` prints the traceback too). Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from dataclasses import fields, is_dataclass
 
 from . import __version__
+from .errors import InputError, OutputExistsError, SpectralPeftError
 from .recipes import RECIPES, execute, recipe
 
 TOOLS = {
     "export": "export an adapter as a standard PEFT LoRA that vanilla peft loads",
     "pretrain-organism": "pretrain the model organism on the generated world",
+    "install-organism": "replace the shipped organism with a validated pretrained checkpoint",
 }
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (SpectralPeftError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def usage() -> str:
@@ -58,8 +67,9 @@ def _typed_flags(cls: type, prefix: str = "") -> tuple[set[str], set[str]]:
 
 def _normalise(argv: list[str], cls: type | None = None) -> list[str]:
     """Rewrite the command line into jsonargparse's terms: ``--chat-template x`` -> ``--chat_template x`` (fields
-    are Python names), ``--seeds 0,1,2`` -> ``--seeds [0,1,2]`` (lists in YAML's flow syntax) and a bare boolean
-    flag ``--allow-code-execution`` -> ``--allow_code_execution=true``."""
+    are Python names), ``--seeds 0,1,2`` -> ``--seeds [0,1,2]`` (lists in YAML's flow syntax; empty items are
+    dropped, so ``--seeds ,`` is the empty list the recipe refuses) and a bare boolean flag
+    ``--allow-code-execution`` -> ``--allow_code_execution=true``."""
     lists, bools = _typed_flags(cls) if cls is not None else (set(), set())
     argv = [a.partition("=")[0].replace("-", "_").replace("__", "--", 1) + a[len(a.partition("=")[0]):]
             if a.startswith("--") else a for a in argv]
@@ -68,13 +78,17 @@ def _normalise(argv: list[str], cls: type | None = None) -> list[str]:
         flag, eq, value = arg.partition("=")
         following = argv[i + 1] if i + 1 < len(argv) else "--"
         if eq and flag in lists and not value.startswith("["):
-            arg = f"{flag}=[{value}]"
+            arg = f"{flag}={_flow(value)}"
         elif i and argv[i - 1] in lists and not arg.startswith(("[", "--")):
-            arg = f"[{arg}]"
+            arg = _flow(arg)
         elif not eq and arg in bools and following.lower() not in ("true", "false"):
             arg = f"{arg}=true"
         out.append(arg)
     return out
+
+
+def _flow(items: str) -> str:
+    return "[" + ",".join(p for p in items.split(",") if p.strip()) + "]"
 
 
 def _help_formatter():
@@ -117,7 +131,7 @@ def run_recipe(name: str, argv: list[str]) -> int:
             parser.set_defaults(module.QUICK)
         ns = parser.parse_args(_normalise(argv, module.Config))
         if ns.overwrite and ns.resume:
-            raise ValueError("give --overwrite or --resume, not both")
+            raise InputError("give --overwrite or --resume, not both")
         options = ns.clone()
         for key in ("config", "out", "quick", "overwrite", "resume", "debug", "__path__"):
             options.pop(key, None)
@@ -126,35 +140,56 @@ def run_recipe(name: str, argv: list[str]) -> int:
         _, summary = execute(name, cfg, ns.out, "overwrite" if ns.overwrite else "resume" if ns.resume else "new")
     except SystemExit:
         raise
-    except Exception as err:  # noqa: BLE001 - every error becomes one line (with --debug, the traceback too)
-        return _report(err, debug)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error becomes one line
+        return _report(err, debug, name)
     print(summary)
     print(f"wrote {ns.out}")
     return 0
 
 
-def _report(err: Exception, debug: bool) -> int:
+def _report(err: BaseException, debug: bool, command: str | None = None) -> int:
+    """Print ``err`` as one line on stderr (the traceback first with ``debug``) and return the exit status: 2 for
+    a bad input or option, 130 for Ctrl-C, 1 for anything else (a bug)."""
     from jsonargparse import ArgumentError
 
     if debug:
         import traceback
 
         traceback.print_exception(err)
+    if isinstance(err, KeyboardInterrupt):
+        print("error: interrupted (a run that saved units or checkpoints continues with --resume)", file=sys.stderr)
+        return 130
     if isinstance(err, ArgumentError):
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        print("error: " + " ".join(lines[:2]), file=sys.stderr)
+        print(f"error: {_option_message(str(err), command)}", file=sys.stderr)
         return 2
     if isinstance(err, USER_ERRORS):
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"error: {str(msg).splitlines()[0] if str(msg) else type(err).__name__}", file=sys.stderr)
+        msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+        print(f"error: {msg.splitlines()[0] if msg else type(err).__name__}", file=sys.stderr)
         return 2
-    print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-          "(rerun with --debug for the traceback)", file=sys.stderr)
+    msg = str(err).strip()
+    print(f"error: {type(err).__name__}: {msg.splitlines()[0] if msg else 'no message'} (rerun with --debug for the "
+          "traceback)", file=sys.stderr)
     return 1
+
+
+def _option_message(text: str, command: str | None) -> str:
+    """jsonargparse's message about a bad option, as one line in the command line's terms:
+    ``Parser key "train.lr": Expected a <class 'float'>. Got value: abc`` -> ``--train.lr: expected float, got
+    abc``, with a pointer to the command's ``--help``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    msg = " ".join(lines[:2]) or "bad options"
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', msg)
+    if key:
+        msg = f"--{key.group(1).replace('_', '-')}: {key.group(2)}"
+    msg = re.sub(r"Expected a <class '(\w+)'>\. Got value:", r"expected \1, got", msg)
+    return f"{msg}; see spectral-peft {command} --help" if command else msg
 
 
 def export(adapter: str, out: str, model: str = "organism", max_rank: int | None = None) -> None:
     """Export an adapter as a standard PEFT LoRA that vanilla peft loads (exact unless max_rank truncates).
+
+    The adapter's weights must be whole and finite, and the export is written beside ``out`` and published only
+    when complete (as a run directory: it carries the manifest ``run.json``).
 
     Args:
         adapter: a spectral-peft adapter directory.
@@ -166,41 +201,89 @@ def export(adapter: str, out: str, model: str = "organism", max_rank: int | None
 
     from .export import export_lora
     from .loading import check_model_name, load_model
-    from .model import load_adapter, read_adapter_config
+    from .model import load_adapter
+    from .runs import RunDir
+    from .validation import check_adapter, check_at_least
 
-    if Path(out).exists():
-        raise FileExistsError(f"{out} exists; choose a new directory for the export")
-    read_adapter_config(adapter)  # fail in one line before the model loads
+    if Path(out).expanduser().exists() or Path(out).expanduser().is_symlink():
+        raise OutputExistsError(f"{out} exists; choose a new directory for the export")
+    if max_rank is not None:
+        check_at_least(1, max_rank=max_rank)
+    config = check_adapter(adapter)  # whole and finite: fail in one line before the model loads
+    if "peft_type" in config:
+        raise InputError(f"{adapter} is already a PEFT adapter ({config['peft_type']}); vanilla peft loads it as is")
     check_model_name(model)
-    base, _ = load_model(model)
-    errors = export_lora(load_adapter(base, adapter, progress=False), out, max_rank=max_rank)
-    print(f"wrote {out}: {len(errors)} modules, largest relative error {max(errors.values()):.2e}")
+    run = RunDir(out, "export")
+    try:
+        base, _ = load_model(model)
+        errors = export_lora(load_adapter(base, Path(adapter).expanduser(), progress=False), run.path,
+                             max_rank=max_rank)
+    except BaseException:
+        run.abandon(keep_work=False)  # nothing to resume
+        raise
+    run.finish()
+    print(f"wrote {out}: {len(errors)} modules, largest relative error {max(errors.values(), default=0.0):.2e}")
 
 
-def pretrain_organism(out: str = "runs/organism/checkpoint", seed: int = 0, steps: int = 1300,
-                      run_dir: str = "runs/organism", resume: bool = True, threads: int = 2) -> None:
-    """Pretrain the model organism on the generated world and save it as a Hugging Face checkpoint.
+def pretrain_organism(out: str = "runs/organism", seed: int = 0, steps: int = 1300, threads: int = 2,
+                      overwrite: bool = False, resume: bool = False) -> None:
+    """Pretrain the model organism on the generated world into a run directory (the package is not touched).
+
+    The run directory holds the resumable state (state.safetensors, saved every 50 steps) and, when training is
+    done, the Hugging Face checkpoint OUT/checkpoint; install-organism makes that the shipped organism.
 
     Args:
-        out: checkpoint directory (copy it over the package's toy/ to replace the shipped organism).
+        out: the run directory.
         seed: seed of the corpus, tokenizer, initialisation and batch order.
         steps: optimizer steps.
-        run_dir: where resumable training state is kept.
-        resume: resume from the state in run_dir if there is one.
         threads: torch CPU threads (results are deterministic for a fixed value).
+        overwrite: replace an existing run directory of ours.
+        resume: continue an interrupted run from its last saved state.
     """
+    from .errors import InputError
     from .organism import PretrainConfig, pretrain
+    from .runs import RunDir
 
-    if steps < 1 or threads < 1:
-        raise ValueError("steps and threads must be >= 1")
-    pretrain(out, PretrainConfig(seed=seed, steps=steps, threads=threads), run_dir=run_dir, resume=resume)
-    print(f"saved the organism to {out}")
+    if overwrite and resume:
+        raise InputError("give --overwrite or --resume, not both")
+    cfg = PretrainConfig(seed=seed, steps=steps, threads=threads)
+    cfg.validate()
+    run = RunDir(out, "pretrain-organism", "overwrite" if overwrite else "resume" if resume else "new")
+    run.write_config(cfg)
+    pretrain(run.path, cfg)
+    run.finish()
+    print(f"wrote {out}; make it the shipped organism with: spectral-peft install-organism --checkpoint "
+          f"{out}/checkpoint --force")
+
+
+def install_organism(checkpoint: str, force: bool = False) -> None:
+    """Replace the shipped organism (the package's toy/) with a pretrained checkpoint, after validating it.
+
+    The checkpoint must load as a causal LM with its tokenizer and have finite weights. The new checkpoint is
+    swapped in atomically; the old one is removed only after. Without --force nothing is replaced.
+
+    Args:
+        checkpoint: the checkpoint directory (pretrain-organism writes RUN/checkpoint).
+        force: replace the shipped checkpoint.
+    """
+    from pathlib import Path
+
+    from .organism import install
+
+    target = install(checkpoint, force=force)
+    print(f"installed {checkpoint} as the organism in {target}")
+    if not (Path(target) / "quality.json").exists():
+        print("note: it has no quality.json, so the quality test has nothing to compare against; record one with "
+              f"python -m spectral_peft.organism.quality --json {target}/quality.json")
 
 
 def run_tool(name: str, argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
-    fn = export if name == "export" else pretrain_organism
+    fn = {"export": export, "pretrain-organism": pretrain_organism, "install-organism": install_organism}[name]
+    bare = {f"--{k}" for k, v in typing.get_type_hints(fn).items() if v is bool}  # a bare boolean flag means true
+    argv = [f"{a}=true" if a in bare and argv[i + 1:i + 2] not in (["true"], ["false"]) else a
+            for i, a in enumerate(argv)]
     debug = "--debug" in argv
     try:
         parser = ArgumentParser(prog=f"spectral-peft {name}", description=fn.__doc__.split("\n\n")[0],
@@ -212,8 +295,8 @@ def run_tool(name: str, argv: list[str]) -> int:
         fn(**ns.as_dict())
     except SystemExit:
         raise
-    except Exception as err:  # noqa: BLE001
-        return _report(err, debug)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error becomes one line
+        return _report(err, debug, name)
     return 0
 
 

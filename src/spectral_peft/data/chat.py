@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .example import Example
+from ..errors import InputError
 
 CHAT_MODES = ("auto", "none")
 
@@ -22,7 +23,7 @@ CHAT_MODES = ("auto", "none")
 def check_chat_mode(mode: str) -> None:
     """Raise a one-line ValueError unless `mode` is a known chat-template mode."""
     if mode not in CHAT_MODES:
-        raise ValueError(f"chat_template must be one of {list(CHAT_MODES)}, got {mode!r}")
+        raise InputError(f"chat_template must be one of {list(CHAT_MODES)}, got {mode!r}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Callable
 
 from .example import Example
 from .real.loading import RealTask, with_fewshot
+from ..errors import InputError, MissingInputError
 
 HOLDOUT_FRACTION = 0.1
 MAX_NEW_TOKENS = 256
@@ -69,18 +70,18 @@ def read_rows(path: Path, checker: str | None) -> list[Example]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            raise InputError(f"{where}: not JSON ({e.msg})") from None
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
-            raise ValueError(f"{where}: each row needs string fields 'prompt' and 'response'")
+            raise InputError(f"{where}: each row needs string fields 'prompt' and 'response'")
         response = row["response"]
         answer = response.strip()
         if checker == "numeric" and last_number(answer) is None:
-            raise ValueError(f"{where}: checker=numeric needs a number in the response, got {answer!r}")
+            raise InputError(f"{where}: checker=numeric needs a number in the response, got {answer!r}")
         if checker == "regex":
             try:
                 re.compile(answer)
             except re.error as e:
-                raise ValueError(f"{where}: checker=regex needs a valid regular expression as response ({e})") from None
+                raise InputError(f"{where}: checker=regex needs a valid regular expression as response ({e})") from None
         target = response if response.endswith("\n") else response + "\n"
         rows.append(Example(row["prompt"], target, answer, task=path.stem))
     return rows
@@ -91,15 +92,15 @@ def load_custom(path: str | Path, checker: str | Callable[[str, Example], bool] 
     """A custom task from a prompt/response JSONL file (named after the file's stem); see the module docstring."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no such task file: {path}")
+        raise MissingInputError(f"no such task file: {path}")
     if isinstance(checker, str) and checker not in CHECKERS:
-        raise ValueError(f"unknown checker {checker!r}; use one of {sorted(CHECKERS)} "
+        raise InputError(f"unknown checker {checker!r}; use one of {sorted(CHECKERS)} "
                          "or a callable (output, example) -> bool")
     if not isinstance(checker, str) and not callable(checker):
-        raise ValueError(f"checker must be a name in {sorted(CHECKERS)} or a callable, got {type(checker).__name__}")
+        raise InputError(f"checker must be a name in {sorted(CHECKERS)} or a callable, got {type(checker).__name__}")
     rows = read_rows(path, checker if isinstance(checker, str) else None)
     if len(rows) < 2:
-        raise ValueError(f"{path}: needs at least 2 prompt/response rows, has {len(rows)}")
+        raise InputError(f"{path}: needs at least 2 prompt/response rows, has {len(rows)}")
     cut = len(rows) - max(1, round(HOLDOUT_FRACTION * len(rows)))
     splits = {"train": rows[:cut], "val": rows[cut:], "test": rows[cut:]}
     check = CHECKERS[checker] if isinstance(checker, str) else checker

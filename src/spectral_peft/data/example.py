@@ -6,6 +6,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+from ..errors import InputError
 
 ANSWER_MARKER = "####"
 SPLITS = ("train", "val", "test")
@@ -70,7 +71,7 @@ class GeneratedTask:
     def examples(self, split: str, n: int | None = None, seed: int = 0, difficulty: int | None = None) -> list[Example]:
         """`n` distinct examples of `split` (default sizes 2000/200/500), deterministic in (name, split, seed, difficulty)."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         n = DEFAULT_SIZES[split] if n is None else n
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")
         out: list[Example] = []
@@ -79,7 +80,7 @@ class GeneratedTask:
         while len(out) < n:
             tries += 1
             if tries > 200 * n + 10_000:
-                raise ValueError(f"{self.name}: cannot draw {n} distinct {split} examples at difficulty {difficulty}; ask for fewer")
+                raise InputError(f"{self.name}: cannot draw {n} distinct {split} examples at difficulty {difficulty}; ask for fewer")
             level = difficulty if difficulty is not None else rng.choice(self.difficulties)
             ex = self.make(rng, level)
             if ex.prompt in seen or split_of(ex.prompt) != split:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .facts import Fact
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,6 @@ def load_jsonl(path: str | Path) -> list[QAItem]:
         answers = row.get("answers", row.get("aliases", row.get("answer")))
         answers = [answers] if isinstance(answers, str) else list(answers)
         if not answers:
-            raise ValueError(f"{path}:{k + 1}: no answers")
+            raise InputError(f"{path}:{k + 1}: no answers")
         items.append(QAItem(str(row.get("id", k)), row["question"], answers[0], tuple(answers), tuple(row.get("paraphrases", ()))))
     return items

@@ -34,6 +34,7 @@ from .example import Example, Task
 from .real import load_arc, load_gsm8k, load_mbpp
 from .real.loading import BUILDERS
 from .registry import INSTRUCTION_TASKS, SKILLS, get_task
+from ..errors import InputError, MissingInputError
 
 REAL_LOADERS: dict[str, Callable[..., Task]] = {
     "gsm8k": load_gsm8k,
@@ -116,9 +117,9 @@ def _query(spec: str, query: str) -> dict[str, str]:
         key, eq, value = part.partition("=")
         key = key.strip().lower()
         if not eq or not key:
-            raise ValueError(f"bad option {part!r} in task spec {spec!r}; write ?key=value&key=value")
+            raise InputError(f"bad option {part!r} in task spec {spec!r}; write ?key=value&key=value")
         if key in options:
-            raise ValueError(f"option {key!r} given twice in task spec {spec!r}")
+            raise InputError(f"option {key!r} given twice in task spec {spec!r}")
         options[key] = value.strip()
     return options
 
@@ -127,21 +128,21 @@ def _options(spec: str, kind: str, what: str, raw: dict[str, str]) -> dict[str, 
     allowed = OPTIONS[kind]
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} in task spec {spec!r}; "
+        raise InputError(f"unknown option {unknown[0]!r} in task spec {spec!r}; "
                          f"allowed for {what}: {', '.join(allowed)}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "fewshot":
             if not value.isdigit():
-                raise ValueError(f"fewshot must be a non-negative integer, got {value!r} in task spec {spec!r}")
+                raise InputError(f"fewshot must be a non-negative integer, got {value!r} in task spec {spec!r}")
             out[key] = int(value)
         elif key == "checker":
             if value not in CHECKERS:
-                raise ValueError(f"unknown checker {value!r} in task spec {spec!r}; use one of {', '.join(CHECKERS)}")
+                raise InputError(f"unknown checker {value!r} in task spec {spec!r}; use one of {', '.join(CHECKERS)}")
             out[key] = value
         elif key == "splits":
             if value not in SPLIT_RULES:
-                raise ValueError(f"splits must be one of {', '.join(SPLIT_RULES)}, got {value!r} in task spec {spec!r}")
+                raise InputError(f"splits must be one of {', '.join(SPLIT_RULES)}, got {value!r} in task spec {spec!r}")
             out[key] = value
     return out
 
@@ -154,7 +155,7 @@ def parse_task_spec(spec: str) -> TaskSpec:
     """`spec` parsed and validated: the name is known, query keys and values are allowed for its kind, and local
     files exist. Reads no data. Raises a one-line ValueError or FileNotFoundError otherwise."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty task spec; use {FORMS}")
+        raise InputError(f"empty task spec; use {FORMS}")
     base, _, query = spec.strip().partition("?")
     raw = _query(spec, query)
     head, colon, source = base.partition(":")
@@ -162,30 +163,30 @@ def parse_task_spec(spec: str) -> TaskSpec:
     if name in REAL_LOADERS:
         source = source.strip()
         if colon and not source:
-            raise ValueError(f"empty path in task spec {spec!r}; write {name}:PATH, or {name} for the hub set")
+            raise InputError(f"empty path in task spec {spec!r}; write {name}:PATH, or {name} for the hub set")
         if source and not Path(source).expanduser().exists() and _looks_local(source):
-            raise FileNotFoundError(f"no such data file or directory: {source} (task spec {spec!r})")
+            raise MissingInputError(f"no such data file or directory: {source} (task spec {spec!r})")
         return TaskSpec(spec, "real", name, source, options=_options(spec, "real", name, raw))
     path = Path(base.strip()).expanduser()
     named = bool(colon) and _NAME.fullmatch(head.strip()) is not None  # NAME:SOURCE rather than a path with a colon
     if path.is_file() or (base.strip().endswith(".jsonl") and not named):
         if path.suffix != ".jsonl":
-            raise ValueError(f"custom task files are .jsonl files of prompt/response rows, got {base.strip()!r}")
+            raise InputError(f"custom task files are .jsonl files of prompt/response rows, got {base.strip()!r}")
         if not path.is_file():
-            raise FileNotFoundError(f"no such task file: {path} (task spec {spec!r})")
+            raise MissingInputError(f"no such task file: {path} (task spec {spec!r})")
         return TaskSpec(spec, "custom", path.stem, str(path), options=_options(spec, "custom", "a .jsonl task", raw))
     if colon and name in _organism_names():
-        raise ValueError(f"organism task {name!r} takes no :PATH (task spec {spec!r}); write {name} or {name}@LEVEL")
+        raise InputError(f"organism task {name!r} takes no :PATH (task spec {spec!r}); write {name} or {name}@LEVEL")
     if colon:
-        raise ValueError(f"unknown data set {name!r} in task spec {spec!r}; known: {', '.join(REAL_LOADERS)}")
+        raise InputError(f"unknown data set {name!r} in task spec {spec!r}; known: {', '.join(REAL_LOADERS)}")
     name, at, level = base.strip().partition("@")
     try:
         get_task(name)
     except KeyError:
-        raise ValueError(f"unknown task {spec!r}; organism tasks: {', '.join(_organism_names())}; "
+        raise InputError(f"unknown task {spec!r}; organism tasks: {', '.join(_organism_names())}; "
                          f"forms: {FORMS}") from None
     if at and not (level.isdigit() and int(level) > 0):
-        raise ValueError(f"bad difficulty {level!r} in task spec {spec!r}; "
+        raise InputError(f"bad difficulty {level!r} in task spec {spec!r}; "
                          f"write {name}@LEVEL with LEVEL a positive integer")
     return TaskSpec(spec, "organism", name, level=int(level) if at else None,
                     options=_options(spec, "organism", "organism tasks", raw))
@@ -193,7 +194,7 @@ def parse_task_spec(spec: str) -> TaskSpec:
 
 def _check_execution(parsed: TaskSpec, allow_code_execution: bool) -> None:
     if parsed.kind == "real" and parsed.name == "mbpp" and not allow_code_execution:
-        raise ValueError(f"task {parsed.spec!r} is checked by running model-generated code; "
+        raise InputError(f"task {parsed.spec!r} is checked by running model-generated code; "
                          "pass --allow-code-execution (allow_code_execution=True) to run it in the sandbox")
 
 
@@ -209,7 +210,7 @@ def check_task_spec(spec: str, *, allow_code_execution: bool | None = None) -> N
 def _merged(spec: str, key: str, given: Any, parsed: TaskSpec) -> Any:
     in_spec = parsed.options.get(key)
     if given is not None and in_spec is not None and given != in_spec:
-        raise ValueError(f"{key}={given!r} conflicts with {key}={in_spec!r} in task spec {spec!r}; give it once")
+        raise InputError(f"{key}={given!r} conflicts with {key}={in_spec!r} in task spec {spec!r}; give it once")
     return given if given is not None else in_spec
 
 
@@ -227,10 +228,10 @@ def load_task(spec: str, *, tokenizer: Any = None, chat_template: str = "auto",
     parsed = parse_task_spec(spec)
     _check_execution(parsed, allow_code_execution)
     if fewshot is not None and (isinstance(fewshot, bool) or not isinstance(fewshot, int) or fewshot < 0):
-        raise ValueError(f"fewshot must be a non-negative integer, got {fewshot!r}")
+        raise InputError(f"fewshot must be a non-negative integer, got {fewshot!r}")
     shots = _merged(spec, "fewshot", fewshot, parsed) or 0
     if checker is not None and parsed.kind != "custom":
-        raise ValueError(f"checker= applies to .jsonl tasks only; {spec!r} uses its data set's own checker")
+        raise InputError(f"checker= applies to .jsonl tasks only; {spec!r} uses its data set's own checker")
     if parsed.kind == "custom":
         task = load_custom(parsed.source, checker=_merged(spec, "checker", checker, parsed) or "exact", fewshot=shots)
     elif parsed.kind == "real":

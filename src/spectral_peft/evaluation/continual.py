@@ -24,14 +24,15 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from torch import nn
 from tqdm.auto import tqdm
+from ..errors import InputError
 
 
 def _matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
     R = np.asarray(R, dtype=np.float64)
     if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 2:
-        raise ValueError(f"R must be a square stages x tasks matrix with at least 2 tasks, got shape {R.shape}")
+        raise InputError(f"R must be a square stages x tasks matrix with at least 2 tasks, got shape {R.shape}")
     if not np.all(np.isfinite(R)):
-        raise ValueError("R contains NaN or infinite entries")
+        raise InputError("R contains NaN or infinite entries")
     return R
 
 
@@ -57,7 +58,7 @@ def example_transfer(outcomes: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     e.g. seeds, are kept): two arrays of shape ``[..., example]``."""
     O = np.asarray(outcomes, dtype=np.float64)
     if O.ndim < 3 or O.shape[-3] != O.shape[-2] or O.shape[-2] < 2 or O.shape[-1] < 1:
-        raise ValueError(f"outcomes must be [..., stage, task, example] with as many stages as tasks (>= 2) and the "
+        raise InputError(f"outcomes must be [..., stage, task, example] with as many stages as tasks (>= 2) and the "
                          f"same number of examples for every task, got shape {O.shape}")
     n = O.shape[-2]
     last = O[..., n - 1, :, :]                                  # [..., task, example]
@@ -100,13 +101,13 @@ def run_continual(model: nn.Module, tasks: Sequence[str], train_stage: Callable[
     """Train on ``tasks`` in order (``model = train_stage(model, task)``) and, after each stage, record
     ``evaluate(model, task)``, the per-example outcomes (e.g. 0/1 correctness) of every task."""
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
-        raise ValueError(f"continual tuning needs at least 2 distinct tasks, got {list(tasks)}")
+        raise InputError(f"continual tuning needs at least 2 distinct tasks, got {list(tasks)}")
     outcomes = []
     for task in tqdm(tasks, desc=desc, unit="stage", disable=not progress):
         model = train_stage(model, task)
         row = [[float(x) for x in evaluate(model, other)] for other in tasks]
         if any(not r for r in row):
-            raise ValueError(f"evaluate returned no outcomes for a task after stage {task!r}")
+            raise InputError(f"evaluate returned no outcomes for a task after stage {task!r}")
         outcomes.append(row)
     return ContinualResult(list(tasks), outcomes)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..data import Edit, Fact, QAItem, World, as_qa
 from .matching import alias_match, normalize
+from ..errors import InputError, MissingInputError
 
 Answer = Callable[[nn.Module, list[str]], list[str]]
 Skill = Callable[[nn.Module], Sequence[float]]
@@ -71,25 +72,25 @@ def _row(path: Path, line: int, text: str) -> EditCase:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg}); each line is one edit {ROW_FORM}") from None
+        raise InputError(f"{where}: not valid JSON ({err.msg}); each line is one edit {ROW_FORM}") from None
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object {ROW_FORM}, got {type(row).__name__}")
+        raise InputError(f"{where}: expected a JSON object {ROW_FORM}, got {type(row).__name__}")
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)}; each row is {ROW_FORM}")
+        raise InputError(f"{where}: missing {', '.join(missing)}; each row is {ROW_FORM}")
     unknown = sorted(set(row) - {*ROW_KEYS, "id"})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; each row is {ROW_FORM} (optionally \"id\")")
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; each row is {ROW_FORM} (optionally \"id\")")
     texts = [row[k] for k in ("question", "old_answer", "new_answer")]
     if not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError(f"{where}: question, old_answer and new_answer must be non-empty strings")
+        raise InputError(f"{where}: question, old_answer and new_answer must be non-empty strings")
     paraphrases = row["paraphrases"]
     if not (isinstance(paraphrases, list) and paraphrases
             and all(isinstance(p, str) and p.strip() for p in paraphrases)):
-        raise ValueError(f"{where}: paraphrases must be a non-empty list of non-empty strings (paraphrase "
+        raise InputError(f"{where}: paraphrases must be a non-empty list of non-empty strings (paraphrase "
                          "generalisation is measured on them)")
     if normalize(row["old_answer"]) == normalize(row["new_answer"]):
-        raise ValueError(f"{where}: new_answer {row['new_answer']!r} is the old answer; an edit must change it")
+        raise InputError(f"{where}: new_answer {row['new_answer']!r} is the old answer; an edit must change it")
     question, old, new = (t.strip() for t in texts)
     return EditCase(str(row.get("id", line)), question, (old,), (new,), tuple(p.strip() for p in paraphrases))
 
@@ -99,13 +100,13 @@ def load_edits(path: str | Path) -> list[EditCase]:
     raises a one-line ``ValueError`` naming the file and line."""
     path = Path(path).expanduser()
     if path.suffix != ".jsonl":
-        raise ValueError(f"an edit set is {ORGANISM_EDITS!r} or a .jsonl file of {ROW_FORM} rows, got {str(path)!r}")
+        raise InputError(f"an edit set is {ORGANISM_EDITS!r} or a .jsonl file of {ROW_FORM} rows, got {str(path)!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"no such edits file: {path} (an edit set is {ORGANISM_EDITS!r} or a .jsonl file)")
+        raise MissingInputError(f"no such edits file: {path} (an edit set is {ORGANISM_EDITS!r} or a .jsonl file)")
     lines = path.read_text().splitlines()
     cases = [_row(path, k + 1, text) for k, text in enumerate(lines) if text.strip()]
     if not cases:
-        raise ValueError(f"{path} holds no edits; write one {ROW_FORM} object per line")
+        raise InputError(f"{path} holds no edits; write one {ROW_FORM} object per line")
     return cases
 
 
@@ -124,9 +125,9 @@ def locality_facts(facts: Sequence[Fact], edits: Sequence[Edit | EditCase]) -> l
 
 def _check(n_outputs: int, n_items: int, what: str) -> None:
     if n_items == 0:
-        raise ValueError(f"no {what} to score")
+        raise InputError(f"no {what} to score")
     if n_outputs != n_items:
-        raise ValueError(f"{n_outputs} outputs for {n_items} {what}")
+        raise InputError(f"{n_outputs} outputs for {n_items} {what}")
 
 
 def edit_success(outputs: Sequence[str], edits: Sequence[Edit | EditCase]) -> list[float]:
@@ -139,7 +140,7 @@ def paraphrase_generalisation(outputs: Sequence[Sequence[str]], edits: Sequence[
     """Per edit, the fraction of its paraphrased questions whose output contains a new-answer alias."""
     _check(len(outputs), len(edits), "edits")
     if any(len(outs) == 0 for outs in outputs):
-        raise ValueError("every edit needs at least one paraphrased output")
+        raise InputError("every edit needs at least one paraphrased output")
     return [float(np.mean([alias_match(o, as_case(e).new_aliases) for o in outs])) for outs, e in zip(outputs, edits)]
 
 
@@ -152,7 +153,7 @@ def locality(before: Sequence[str], after: Sequence[str]) -> list[float]:
 def skill_preservation(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float | None]:
     """``after[skill] / before[skill]`` for each skill (``None`` where ``before`` is 0: the ratio is undefined)."""
     if set(before) != set(after):
-        raise ValueError(f"skills before {sorted(before)} and after {sorted(after)} differ")
+        raise InputError(f"skills before {sorted(before)} and after {sorted(after)} differ")
     return {s: after[s] / before[s] if before[s] > 0 else None for s in sorted(before)}
 
 
@@ -203,7 +204,7 @@ def evaluate_editing(model_before: nn.Module, model_after: nn.Module, edits: Seq
     skills (at least one).
     """
     if not skills:
-        raise ValueError("skill preservation needs at least one skill evaluation")
+        raise InputError("skill preservation needs at least one skill evaluation")
     cases = [as_case(e) for e in edits]
     flat = answer(model_after, [p for c in cases for p in c.paraphrases])
     _check(len(flat), sum(len(c.paraphrases) for c in cases), "paraphrased questions")

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..merging import MERGE_OPERATORS, applied_deltas, merge_deltas
 from .stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
+from ..errors import InputError
 
 MERGEFAIL_SEEDS = (42, 100, 2024)
 
@@ -53,11 +54,11 @@ def sample_instances(tasks: Sequence[str], t: int, n: int, seed: int) -> list[tu
     """
     names = sorted(tasks)
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {list(tasks)}")
+        raise InputError(f"task names must be unique, got {list(tasks)}")
     if not 1 <= t <= len(names):
-        raise ValueError(f"merge size t={t} is out of range for {len(names)} tasks")
+        raise InputError(f"merge size t={t} is out of range for {len(names)} tasks")
     if n < 1:
-        raise ValueError(f"the number of instances must be >= 1, got {n}")
+        raise InputError(f"the number of instances must be >= 1, got {n}")
     rng = np.random.default_rng([seed, t])
     return [tuple(names[i] for i in sorted(rng.choice(len(names), size=t, replace=False))) for _ in range(n)]
 
@@ -105,7 +106,7 @@ class MergeFailResult:
         """Fail indicators (0/1) of every drawn instance at ``(operator, t)``, in draw order (seed, index)."""
         rows = [i for i in self.instances if i.operator == operator and i.t == t]
         if not rows:
-            raise ValueError(f"{self.method}: no instances for operator {operator!r} at t={t}")
+            raise InputError(f"{self.method}: no instances for operator {operator!r} at t={t}")
         return np.array([float(i.failed) for i in rows])
 
     def table(self, operator: str, sizes: Sequence[int]) -> tuple[list[list[MergeInstance]], int, int]:
@@ -118,7 +119,7 @@ class MergeFailResult:
             for s in self.seeds:
                 rows = [i for i in self.instances if i.operator == operator and i.t == t and i.seed == s]
                 if not rows:
-                    raise ValueError(f"{self.method}: no instances for operator {operator!r} at t={t}, seed {s}")
+                    raise InputError(f"{self.method}: no instances for operator {operator!r} at t={t}, seed {s}")
                 n += len(rows)
                 first: dict[tuple, MergeInstance] = {}
                 for i in rows:
@@ -143,11 +144,11 @@ class MergeFailResult:
 def _task_set(deltas_by_seed_task: Mapping[int, Mapping[str, Deltas]], seeds: Sequence[int]) -> list[str]:
     missing = [s for s in seeds if s not in deltas_by_seed_task]
     if missing:
-        raise ValueError(f"no adapters for seed(s) {missing}")
+        raise InputError(f"no adapters for seed(s) {missing}")
     tasks = sorted(deltas_by_seed_task[seeds[0]])
     for s in seeds:
         if sorted(deltas_by_seed_task[s]) != tasks:
-            raise ValueError(f"seed {s} has adapters for {sorted(deltas_by_seed_task[s])}, seed {seeds[0]} for {tasks}")
+            raise InputError(f"seed {s} has adapters for {sorted(deltas_by_seed_task[s])}, seed {seeds[0]} for {tasks}")
     return tasks
 
 
@@ -176,9 +177,9 @@ def mergefail(
     """
     bad = [op for op in operators if op not in MERGE_OPERATORS]
     if bad:
-        raise ValueError(f"unknown merge operator(s) {bad}; use {MERGE_OPERATORS}")
+        raise InputError(f"unknown merge operator(s) {bad}; use {MERGE_OPERATORS}")
     if not 0 < tau <= 1:
-        raise ValueError(f"tau must be in (0, 1], got {tau}")
+        raise InputError(f"tau must be in (0, 1], got {tau}")
     seeds = tuple(seeds)
     tasks = _task_set(deltas_by_seed_task, seeds)
     sizes = tuple(range(2, len(tasks) + 1) if sizes is None else sizes)
@@ -188,7 +189,7 @@ def mergefail(
     for s in seeds:
         absent = [task for task in tasks if task not in single_scores.get(s, {})]
         if absent:
-            raise ValueError(f"single-adapter scores missing for seed {s}, task(s) {absent}")
+            raise InputError(f"single-adapter scores missing for seed {s}, task(s) {absent}")
     plan = [(s, t, i, subset, op) for s in seeds for t in sizes
             for i, subset in enumerate(sample_instances(tasks, t, n_merge, s)) for op in operators]
     distinct = list(dict.fromkeys((s, subset, op) for s, _, _, subset, op in plan))
@@ -266,7 +267,7 @@ def _tables(results: Sequence[MergeFailResult], operator: str, sizes: Sequence[i
     tables = [r.table(operator, sizes) for r in results]
     keys = [[[(i.evaluation, i.t) for i in row] for row in table] for table, _, _ in tables]
     if any(k != keys[0] for k in keys[1:]):
-        raise ValueError(f"the results hold different instances at t={list(sizes)} ({operator}); they cannot be paired")
+        raise InputError(f"the results hold different instances at t={list(sizes)} ({operator}); they cannot be paired")
     return tables
 
 
@@ -276,14 +277,14 @@ def summarize(results: Sequence[MergeFailResult], confidence: float = 0.95, n_re
     difference from the first (the reference), and pooled retention; see the module docstring for the statistics.
     All results must come from the same seeds, sizes, operators and ``n_merge``, i.e. hold the same instances."""
     if not results:
-        raise ValueError("summarize needs at least one MergeFail result")
+        raise InputError("summarize needs at least one MergeFail result")
     names = [r.method for r in results]
     if len(set(names)) != len(names):
-        raise ValueError(f"method names must be unique, got {names}")
+        raise InputError(f"method names must be unique, got {names}")
     ref = results[0]
     for r in results[1:]:
         if (r.seeds, r.sizes, r.operators, r.n_merge) != (ref.seeds, ref.sizes, ref.operators, ref.n_merge):
-            raise ValueError(f"{r.method} and {ref.method} were run with different seeds, sizes, operators or n_merge")
+            raise InputError(f"{r.method} and {ref.method} were run with different seeds, sizes, operators or n_merge")
     out = MergeFailSummary([], [], [], [])
     for op in ref.operators:
         for t in [*ref.sizes, None]:

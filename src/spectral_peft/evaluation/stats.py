@@ -43,6 +43,7 @@ from typing import Literal, Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
+from ..errors import InputError
 
 Method = Literal["wilson", "bootstrap", "hierarchical-bootstrap"]
 _CHUNK_ELEMENTS = 20_000_000
@@ -64,12 +65,12 @@ class CI:
 
 def _check_confidence(confidence: float) -> None:
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise InputError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def _check_resamples(n_resamples: int) -> None:
     if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+        raise InputError(f"n_resamples must be a positive integer, got {n_resamples!r}")
 
 
 def _array(values: ArrayLike, name: str) -> np.ndarray:
@@ -77,11 +78,11 @@ def _array(values: ArrayLike, name: str) -> np.ndarray:
     try:
         x = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a rectangular numeric 1-D [items] or 2-D [seeds, items] array") from None
+        raise InputError(f"{name} must be a rectangular numeric 1-D [items] or 2-D [seeds, items] array") from None
     if x.ndim not in (1, 2) or x.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D [items] or 2-D [seeds, items] array, got shape {x.shape}")
+        raise InputError(f"{name} must be a non-empty 1-D [items] or 2-D [seeds, items] array, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or infinite entries; drop or impute them first")
+        raise InputError(f"{name} contains NaN or infinite entries; drop or impute them first")
     return x[0] if x.ndim == 2 and len(x) == 1 else x
 
 
@@ -116,11 +117,11 @@ def joint_bootstrap(columns: Mapping[str, ArrayLike], confidence: float = 0.95, 
     _check_confidence(confidence)
     _check_resamples(n_resamples)
     if not columns:
-        raise ValueError("joint_bootstrap needs at least one column")
+        raise InputError("joint_bootstrap needs at least one column")
     data = {name: _array(v, name) for name, v in columns.items()}
     shapes = {x.shape for x in data.values()}
     if len(shapes) != 1:
-        raise ValueError(f"joint_bootstrap columns must share one shape to stay paired, got {sorted(shapes)}")
+        raise InputError(f"joint_bootstrap columns must share one shape to stay paired, got {sorted(shapes)}")
     (shape,) = shapes
     method: Method = "hierarchical-bootstrap" if len(shape) == 2 else "bootstrap"
     table = np.stack([x.reshape(-1, shape[-1]) for x in data.values()])
@@ -143,7 +144,7 @@ def paired_difference_ci(a: ArrayLike, b: ArrayLike, confidence: float = 0.95, n
     """CI of ``mean(a) - mean(b)`` resampling the pairs ``(a, b)`` (seeds, then items, when 2-D)."""
     a, b = _array(a, "a"), _array(b, "b")
     if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape to be paired, got {a.shape} and {b.shape}")
+        raise InputError(f"a and b must have the same shape to be paired, got {a.shape} and {b.shape}")
     return bootstrap_ci(a - b, confidence, n_resamples, seed)
 
 
@@ -151,9 +152,9 @@ def wilson_ci(successes: int, n: int, confidence: float = 0.95) -> CI:
     """Wilson score interval of the proportion ``successes / n`` (formula in the module docstring)."""
     _check_confidence(confidence)
     if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"wilson_ci needs an integer n >= 1 trials, got {n!r}")
+        raise InputError(f"wilson_ci needs an integer n >= 1 trials, got {n!r}")
     if not isinstance(successes, (int, np.integer)) or not 0 <= successes <= n:
-        raise ValueError(f"successes must be an integer in [0, n={n}], got {successes!r}")
+        raise InputError(f"successes must be an integer in [0, n={n}], got {successes!r}")
     z = NormalDist().inv_cdf((1 + confidence) / 2)
     p, shrink = successes / n, 1 + z * z / n
     centre = (p + z * z / (2 * n)) / shrink
@@ -170,7 +171,7 @@ def proportion_ci(flags: ArrayLike, confidence: float = 0.95, n_resamples: int =
     _check_resamples(n_resamples)
     x = _array(flags, "flags")
     if not np.all((x == 0) | (x == 1)):
-        raise ValueError(f"flags must be 0/1 outcomes, got values such as {np.unique(x[(x != 0) & (x != 1)])[:3]}")
+        raise InputError(f"flags must be 0/1 outcomes, got values such as {np.unique(x[(x != 0) & (x != 1)])[:3]}")
     successes, n = int(x.sum()), int(x.size)
     if x.ndim == 1:
         return wilson_ci(successes, n, confidence)

@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from ..runs import RunDir
+from ..errors import InputError
 
 RECIPES = {
     "svf": "train an SVF expert on a skill and freeze it as a probe",
@@ -44,7 +45,7 @@ RECIPES = {
 def recipe(name: str) -> ModuleType:
     """The recipe module called ``name`` (e.g. ``"palora-study"``)."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+        raise InputError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     return importlib.import_module(f".{name.replace('-', '_')}", __name__)
 
 
@@ -60,7 +61,7 @@ def with_preset(cfg: Any, preset: dict[str, Any]) -> Any:
     names = {f.name for f in fields(cfg)} if is_dataclass(cfg) else set()
     unknown = sorted(set(top) - names)
     if unknown:
-        raise ValueError(f"preset keys {unknown} are not fields of {type(cfg).__name__}")
+        raise InputError(f"preset keys {unknown} are not fields of {type(cfg).__name__}")
     return replace(cfg, **top)
 
 

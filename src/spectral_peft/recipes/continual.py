@@ -25,6 +25,7 @@ import numpy as np
 
 from ..data import check_task_spec, load_task
 from ..data.chat import check_chat_mode
+from ..errors import InputError
 from ..evaluation import skill_accuracy
 from ..evaluation.continual import backward_transfer, example_transfer, forgetting, plot_accuracy_matrix, run_continual
 from ..evaluation.stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
@@ -33,6 +34,7 @@ from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets,
 from ..report import fmt_ci, md_table, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..validation import check_at_least, check_constructed, check_distinct, check_finite_numbers, check_methods
 
 
 @dataclass
@@ -75,17 +77,17 @@ class Config:
         return MethodSpec(r=self.r, k=self.k, targets=self.targets)
 
     def validate(self) -> None:
-        parse_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
+        check_finite_numbers(self)
+        check_constructed(self.train)
+        check_at_least(1, threads=self.threads)
+        check_distinct("seeds", self.seeds)
+        check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
         if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"continual tuning needs at least 2 distinct tasks, got {list(self.tasks)}")
+            raise InputError(f"continual tuning needs at least 2 distinct tasks, got {list(self.tasks)}")
         for task in self.tasks:
             check_task_spec(task, allow_code_execution=self.allow_code_execution)
-        check_model_name(self.model)
         check_chat_mode(self.chat_template)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"give at least one seed, each once, got {list(self.seeds)}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_model_name(self.model)
 
 
 QUICK = {"methods": "lora,hiplora", "seeds": (0,), "train.n_train": 256, "train.n_eval": 32, "train.epochs": 2}

@@ -45,6 +45,7 @@ from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainabl
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..validation import check_at_least, check_constructed, check_distinct, check_finite_numbers, check_methods
 
 GENERAL = (*SKILLS, "facts")  # the general evaluations, besides held-out NLL
 REPORTED = ("energy_fraction", "invariance", "sv_rel_change", "sv_max_rel_change")
@@ -99,17 +100,15 @@ class Config:
         return MethodSpec(r=self.r, k=self.k, targets=self.targets)
 
     def validate(self) -> None:
-        parse_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
+        check_finite_numbers(self)
+        check_constructed(self.train)
+        check_at_least(1, n_ppl=self.n_ppl, n_skill=self.n_skill, n_facts=self.n_facts)
+        check_at_least(1, threads=self.threads)
+        check_distinct("seeds", self.seeds)
+        check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
         check_task_spec(self.task, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
         check_model_name(self.model)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"give at least one seed, each once (got {list(self.seeds)})")
-        if min(self.n_ppl, self.n_skill, self.n_facts) < 1:
-            raise ValueError(f"n_ppl, n_skill and n_facts must be >= 1, got {self.n_ppl}, {self.n_skill}, "
-                             f"{self.n_facts}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 QUICK = {"methods": "lora,hiplora,hiplora:mode=penalty", "seeds": (0,), "n_ppl": 32, "n_skill": 16, "n_facts": 40,

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..data import World, check_task_spec, load_task, qa_line
+from ..data.chat import check_chat_mode
 from ..evaluation import generate, skill_accuracy
 from ..evaluation.editing import (ORGANISM_EDITS, EditCase, evaluate_editing, load_edit_set, locality_facts,
                                   skill_preservation)
@@ -34,6 +35,7 @@ from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainabl
 from ..report import fmt_ci, md_table, plot_loss, save_figure
 from ..runs import RunDir
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..validation import check_at_least, check_constructed, check_distinct, check_finite_numbers, check_methods
 
 ANSWER_TOKENS = 12
 # measure -> (interval of its per-item values, what one item is)
@@ -97,17 +99,17 @@ class Config:
         return MethodSpec(r=self.r, k=self.k, targets=self.targets)
 
     def validate(self) -> None:
-        parse_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
-        load_edit_set(self.task)
-        check_model_name(self.model)
-        if not self.skills or len(set(self.skills)) != len(self.skills):
-            raise ValueError(f"give at least one retention skill, each once (got {list(self.skills)})")
+        check_finite_numbers(self)
+        check_constructed(self.train)
+        check_at_least(1, n_edits=self.n_edits, n_local=self.n_local, n_skill=self.n_skill, threads=self.threads)
+        check_distinct("seeds", self.seeds)
+        check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
+        check_distinct("skills", self.skills)
         for skill in self.skills:
             check_task_spec(skill, allow_code_execution=self.allow_code_execution)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"give at least one seed, each once (got {list(self.seeds)})")
-        if min(self.n_edits, self.n_local, self.n_skill, self.threads) < 1:
-            raise ValueError("n_edits, n_local, n_skill and threads must be >= 1")
+        check_chat_mode(self.chat_template)
+        load_edit_set(self.task)
+        check_model_name(self.model)
 
 
 QUICK = {"methods": "lora,hiplora", "n_edits": 16, "n_local": 40, "n_skill": 12, "seeds": (0,), "train.epochs": 10}

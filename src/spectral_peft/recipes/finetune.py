@@ -26,6 +26,7 @@ from ..methods import MethodSpec, budget_table, count_trainable, hiplora_referen
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..validation import check_at_least, check_constructed, check_finite_numbers, check_method
 
 
 @dataclass
@@ -67,12 +68,13 @@ class Config:
         return MethodSpec(r=self.r, k=self.k, targets=self.targets)
 
     def validate(self) -> None:
-        parse_method(self.method, self.defaults())
+        check_finite_numbers(self)
+        check_constructed(self.train)
+        check_at_least(1, threads=self.threads)
+        check_method(self.method, self.defaults())
         check_task_spec(self.task, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
         check_model_name(self.model)
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 QUICK = {"train.n_train": 256, "train.n_eval": 32, "train.epochs": 2}
@@ -138,7 +140,7 @@ def run(cfg: Config, run: RunDir) -> Result:
 
     base_correct = score(source.fresh())
     model, history = train_adapter(source.fresh(), tok, spec, pairs, s, cfg.seed, desc=f"finetune {spec.label}",
-                                   progress=cfg.progress)
+                                   progress=cfg.progress, checkpoint_dir=run.file("checkpoint"))
     model.save_pretrained(run.file("adapter"))
     return Result(spec=spec, task=task.name, base_correct=base_correct, correct=score(model),
                   trainable_parameters=count_trainable(model),

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..loading import check_model_name, load_model
 from ..merging import MERGE_OPERATORS, adapter_deltas, apply_deltas, merge_deltas
 from ..model import read_adapter_config
 from ..report import md_table
 from ..runs import RunDir
+from ..validation import check_adapter, check_finite_numbers, check_interval
 
 
 @dataclass
@@ -51,19 +53,15 @@ class Config:
 
     def validate(self) -> None:
         if self.how not in MERGE_OPERATORS:
-            raise ValueError(f"unknown merge operator {self.how!r}; use one of {', '.join(MERGE_OPERATORS)}")
+            raise InputError(f"unknown merge operator {self.how!r}; use one of {', '.join(MERGE_OPERATORS)}")
         if not self.adapters:
-            raise ValueError("give at least one adapter directory: --adapters DIR1,DIR2")
-        for adapter in self.adapters:
-            if not Path(adapter).expanduser().is_dir():
-                raise FileNotFoundError(f"no such adapter directory: {adapter}")
-            read_adapter_config(Path(adapter).expanduser())
+            raise InputError("give at least one adapter directory: --adapters DIR1,DIR2")
         if self.weights and len(self.weights) != len(self.adapters):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.adapters)} adapters; give one per adapter")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise ValueError(f"weights must be finite numbers, got {list(self.weights)}")
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+            raise InputError(f"{len(self.weights)} weights for {len(self.adapters)} adapters; give one per adapter")
+        check_finite_numbers(self)
+        check_interval("density", self.density, 0, 1)
+        for adapter in self.adapters:
+            check_adapter(adapter)
         check_model_name(self.model)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..data import check_task_spec, load_task
 from ..data.chat import check_chat_mode
+from ..errors import InputError
 from ..evaluation import skill_accuracy
 from ..evaluation.mergefail import (MERGEFAIL_SEEDS, MergeFailResult, MergeFailSummary, mergefail, plot_mergefail,
                                     summarize)
@@ -37,6 +38,8 @@ from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets,
 from ..report import fmt_ci, md_table, plot_budget_use, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..validation import (check_at_least, check_constructed, check_distinct, check_finite_numbers, check_interval,
+                          check_methods)
 
 
 @dataclass
@@ -87,27 +90,23 @@ class Config:
         return MethodSpec(r=self.r, k=self.k, targets=self.targets)
 
     def validate(self) -> None:
-        parse_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
-        if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"MergeFail needs at least 2 distinct tasks, got {list(self.tasks)}")
-        for task in self.tasks:
-            check_task_spec(task, allow_code_execution=self.allow_code_execution)
-        check_model_name(self.model)
-        check_chat_mode(self.chat_template)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"give at least one seed, each once, got {list(self.seeds)}")
+        check_finite_numbers(self)
+        check_constructed(self.train)
+        check_at_least(1, n_merge=self.n_merge, threads=self.threads)
+        check_interval("tau", self.tau, 0, 1)
+        check_interval("density", self.density, 0, 1)
+        check_distinct("seeds", self.seeds)
         bad = [op for op in self.operators if op not in MERGE_OPERATORS]
         if bad or not self.operators or len(set(self.operators)) != len(self.operators):
-            raise ValueError(f"unknown or repeated merge operator(s) in {list(self.operators)}; use "
+            raise InputError(f"unknown or repeated merge operator(s) in {list(self.operators)}; use "
                              f"{', '.join(MERGE_OPERATORS)}")
-        if self.n_merge < 1:
-            raise ValueError(f"n_merge must be >= 1, got {self.n_merge}")
-        if not 0 < self.tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
+        if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
+            raise InputError(f"MergeFail needs at least 2 distinct tasks, got {list(self.tasks)}")
+        for task in self.tasks:
+            check_task_spec(task, allow_code_execution=self.allow_code_execution)
+        check_chat_mode(self.chat_template)
+        check_model_name(self.model)
 
 
 QUICK = {"methods": "lora,hiplora", "tasks": ("count", "max", "reverse@3"), "seeds": (42,), "n_merge": 5,

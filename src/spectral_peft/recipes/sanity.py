@@ -13,7 +13,6 @@ Writes ``metrics.json`` (every (matrix, index, sigma, loss change) effect), ``re
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,11 +20,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..data import heldout_text
+from ..errors import InputError
 from ..evaluation.sanity import PERTURBATIONS, correlate_by_matrix, spectral_sanity, text_loss
 from ..loading import check_model_name, load_model, seed_everything
 from ..methods import TARGETS, target_shapes
 from ..report import md_table, save_figure
 from ..runs import RunDir
+from ..validation import check_at_least, check_distinct, check_positive
 
 
 @dataclass
@@ -57,17 +58,12 @@ class Config:
     def validate(self) -> None:
         bad = [p for p in self.perturbations if p not in PERTURBATIONS]
         if bad or not self.perturbations:
-            raise ValueError(f"unknown perturbation(s) {bad}; use one or more of {', '.join(PERTURBATIONS)}")
-        if len(set(self.perturbations)) != len(self.perturbations):
-            raise ValueError(f"perturbations must each be given once, got {list(self.perturbations)}")
+            raise InputError(f"unknown perturbation(s) {bad}; use one or more of {', '.join(PERTURBATIONS)}")
+        check_distinct("perturbations", self.perturbations)
         if self.targets not in TARGETS:
-            raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
-        if self.n_indices < 1 or self.n_docs < 1:
-            raise ValueError(f"n_indices and n_docs must be >= 1, got {self.n_indices} and {self.n_docs}")
-        if not (math.isfinite(self.noise) and self.noise > 0):
-            raise ValueError(f"noise must be a positive number, got {self.noise}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+        check_at_least(1, n_indices=self.n_indices, n_docs=self.n_docs, threads=self.threads)
+        check_positive(noise=self.noise)
         check_model_name(self.model)
 
 
@@ -96,7 +92,7 @@ def run(cfg: Config, run: RunDir) -> Result:
     model, tok = load_model(cfg.model)
     modules = list(target_shapes(model, cfg.targets))
     if not modules:
-        raise ValueError(f"the model has no {cfg.targets} target matrices to perturb")
+        raise InputError(f"the model has no {cfg.targets} target matrices to perturb")
     loss = text_loss(tok, heldout_text(cfg.n_docs, seed=cfg.seed))
 
     def perturb(kind: str) -> dict[str, Any]:

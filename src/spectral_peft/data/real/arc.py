@@ -19,6 +19,7 @@ from typing import Mapping
 
 from ..example import ANSWER_MARKER, Example, final_answer
 from .loading import RealTask, interleaved, load_rows, with_fewshot
+from ...errors import InputError
 
 HUB_NAME = "allenai/ai2_arc"
 SUBSETS = {"arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge"}
@@ -51,9 +52,9 @@ def to_example(row: dict, name: str) -> Example:
     texts, labels = list(row["choices"]["text"]), [str(x) for x in row["choices"]["label"]]
     key = str(row["answerKey"]).strip()
     if key not in labels:
-        raise ValueError(f"{name} row {row.get('id')}: answerKey {key!r} not among labels {labels}")
+        raise InputError(f"{name} row {row.get('id')}: answerKey {key!r} not among labels {labels}")
     if len(texts) > len(LETTERS):
-        raise ValueError(f"{name} row {row.get('id')}: more than {len(LETTERS)} options")
+        raise InputError(f"{name} row {row.get('id')}: more than {len(LETTERS)} options")
     k = labels.index(key)
     options = "".join(f"{LETTERS[i]}. {t.strip()}\n" for i, t in enumerate(texts))
     prompt = f"Question: {row['question'].strip()}\n{options}Answer:"
@@ -72,7 +73,7 @@ def load_arc(path_or_name: str | Path | Mapping[str, str] = HUB_NAME, subset: st
     """
     subset = SUBSETS.get(subset.lower(), subset)
     if subset not in SUBSETS.values():
-        raise ValueError(f"subset must be one of {sorted(SUBSETS.values())}, got {subset!r}")
+        raise InputError(f"subset must be one of {sorted(SUBSETS.values())}, got {subset!r}")
     name = {v: k for k, v in SUBSETS.items()}[subset]
     rows = load_rows(path_or_name, subset, single_split=single_split)
     source = {split: [to_example(r, name) for r in rs] for split, rs in rows.items()}
@@ -83,6 +84,6 @@ def load_arc(path_or_name: str | Path | Mapping[str, str] = HUB_NAME, subset: st
         out = {"train": source.get("train", []), "val": source.get("validation", source.get("val", [])),
                "test": source.get("test", [])}
     else:
-        raise ValueError(f"splits must be 't2' or 'source', got {splits!r}")
+        raise InputError(f"splits must be 't2' or 'source', got {splits!r}")
     return RealTask(name, with_fewshot(out, fewshot), check, source=str(path_or_name), max_new_tokens=64,
                     info={"subset": subset, "splits": splits, "fewshot": fewshot})

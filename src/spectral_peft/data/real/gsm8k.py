@@ -22,6 +22,7 @@ from typing import Mapping
 
 from ..example import ANSWER_MARKER, Example, final_answer
 from .loading import RealTask, interleaved, load_rows, with_fewshot
+from ...errors import InputError
 
 HUB_NAME, HUB_CONFIG = "openai/gsm8k", "main"
 _CALC = re.compile(r"<<[^<>]*>>")
@@ -62,7 +63,7 @@ def to_example(row: dict, index: int, keep_calculator: bool = False) -> Example:
     solution, _, final = row["answer"].rpartition(ANSWER_MARKER)
     answer = normalize_number(final)
     if answer is None:
-        raise ValueError(f"gsm8k row {index}: no final answer after {ANSWER_MARKER!r}")
+        raise InputError(f"gsm8k row {index}: no final answer after {ANSWER_MARKER!r}")
     steps = [line.strip() for line in solution.strip().splitlines() if line.strip()]
     if not keep_calculator:
         steps = [_CALC.sub("", s) for s in steps]
@@ -89,6 +90,6 @@ def load_gsm8k(path_or_name: str | Path | Mapping[str, str] = HUB_NAME, config: 
         out = {"train": source.get("train", []), "val": source.get("validation", source.get("val", [])),
                "test": source.get("test", [])}
     else:
-        raise ValueError(f"splits must be 't2' or 'source', got {splits!r}")
+        raise InputError(f"splits must be 't2' or 'source', got {splits!r}")
     return RealTask("gsm8k", with_fewshot(out, fewshot), check, source=str(path_or_name), max_new_tokens=256,
                     info={"splits": splits, "fewshot": fewshot})

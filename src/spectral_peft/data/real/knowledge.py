@@ -14,6 +14,7 @@ from typing import Mapping
 
 from ..knowledge import QAItem
 from .loading import load_rows
+from ...errors import InputError
 
 ANSWER_FIELDS = ("answers", "aliases", "answer", "possible_answers")
 
@@ -41,7 +42,7 @@ def to_item(row: dict, index: int) -> QAItem:
     """One row as a `QAItem`."""
     answers = _answers(row)
     if not answers:
-        raise ValueError(f"row {index}: no answers (fields {ANSWER_FIELDS})")
+        raise InputError(f"row {index}: no answers (fields {ANSWER_FIELDS})")
     return QAItem(str(row.get("id", index) if row.get("id") is not None else index), row["question"].strip(),
                   answers[0], tuple(answers), tuple(row.get("paraphrases") or ()))
 
@@ -51,7 +52,7 @@ def load_qa(path_or_name: str | Path | Mapping[str, str], split: str | None = No
     rows = load_rows(path_or_name, config, single_split="train")
     if split is not None:
         if split not in rows:
-            raise ValueError(f"no split {split!r} in {path_or_name} (have {sorted(rows)})")
+            raise InputError(f"no split {split!r} in {path_or_name} (have {sorted(rows)})")
         rows = {split: rows[split]}
     items = [to_item(r, i) for rs in rows.values() for i, r in enumerate(rs)]
     if len({it.id for it in items}) != len(items):  # ids must be unique (categories are keyed by id)

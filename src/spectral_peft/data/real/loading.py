@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..example import SPLITS, Example
+from ...errors import InputError, MissingInputError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
@@ -23,7 +24,7 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": 
 def _builder(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in BUILDERS:
-        raise ValueError(f"unsupported data file {path} (expected one of {sorted(BUILDERS)})")
+        raise InputError(f"unsupported data file {path} (expected one of {sorted(BUILDERS)})")
     return BUILDERS[suffix]
 
 
@@ -49,7 +50,7 @@ def _load_files(files: dict[str, list[str]]) -> dict:
     for split, paths in files.items():
         builders = {_builder(f) for f in paths}
         if len(builders) != 1:
-            raise ValueError(f"split {split!r}: data files of mixed formats {sorted(builders)}")
+            raise InputError(f"split {split!r}: data files of mixed formats {sorted(builders)}")
         out[split] = datasets.load_dataset(builders.pop(), data_files={split: paths}, split=split)
     return out
 
@@ -76,7 +77,7 @@ def load_rows(source: str | Path | Mapping[str, str], config: str | None = None,
             else:
                 loaded = datasets.load_dataset(str(path))
         elif _looks_local(str(source)):
-            raise FileNotFoundError(f"no such data file or directory: {source}")
+            raise MissingInputError(f"no such data file or directory: {source}")
         else:  # a hub name: needs network (or a warm HF cache)
             loaded = datasets.load_dataset(str(source), config)
     if isinstance(loaded, datasets.Dataset):
@@ -112,11 +113,11 @@ class RealTask:
         keeps only examples of that level (GSM8K: number of solution steps; ARC, MBPP: 0).
         """
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         pool = self.splits.get(split, [])
         if not pool:
             have = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
-            raise ValueError(f"{self.name}: no {split!r} examples in {self.source or 'the data'} ({have})")
+            raise InputError(f"{self.name}: no {split!r} examples in {self.source or 'the data'} ({have})")
         if difficulty is not None:
             pool = [e for e in pool if e.difficulty == difficulty]
         if seed:
@@ -134,7 +135,7 @@ def with_fewshot(splits: dict[str, list[Example]], k: int, sep: str = "\n") -> d
         return splits
     pool = splits.get("train", [])
     if len(pool) < k + 1:
-        raise ValueError(f"fewshot={k} needs at least {k + 1} train examples, got {len(pool)}")
+        raise InputError(f"fewshot={k} needs at least {k + 1} train examples, got {len(pool)}")
 
     def shots(ex: Example) -> str:
         chosen = [p for p in pool[:k + 1] if p.prompt != ex.prompt][:k]
