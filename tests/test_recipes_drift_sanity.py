@@ -20,15 +20,12 @@ from spectral_peft.loading import load_model
 from spectral_peft.recipes import drift, execute, sanity
 from spectral_peft.training.adapter import FinetuneSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = FinetuneSettings(n_train=16, n_eval=4, epochs=1, batch_size=8, lr=0.05, max_new_tokens=4)
 TINY_FLAGS = ["--r", "2", "--k", "4", "--targets", "mlp", "--n-ppl", "4", "--n-skill", "2", "--n-facts", "4",
               "--train.n-train", "16", "--train.n-eval", "4", "--train.epochs", "1", "--train.batch-size", "8",
               "--train.max-new-tokens", "4", "--progress", "false"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

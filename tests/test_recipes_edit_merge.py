@@ -24,6 +24,8 @@ from spectral_peft.recipes import edit, execute, merge
 from spectral_peft.runs import RunDir
 from spectral_peft.training.adapter import FinetuneSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = FinetuneSettings(epochs=1, lr=1e-2, batch_size=8, max_new_tokens=4)
 SMALL = ["--r", "4", "--k", "4", "--n-edits", "2", "--n-local", "3", "--n-skill", "1", "--train.epochs", "1",
          "--train.max-new-tokens", "4", "--progress", "false"]
@@ -31,11 +33,6 @@ ROWS = [{"question": "Who wrote the Velmora saga?", "old_answer": "Tasrin", "new
          "paraphrases": ["The Velmora saga was written by whom?", "Name the author of the Velmora saga."]},
         {"question": "What colour is the Kesh flag?", "old_answer": "green", "new_answer": "purple",
          "paraphrases": ["Which colour does the Kesh flag have?"]}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -23,20 +23,14 @@ from spectral_peft.probe import Probe, load_probe
 from spectral_peft.recipes import execute, recipe
 from spectral_peft.training.svf_expert import SVFSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_SVF = SVFSettings(n_train=16, n_val=4, eval_every=1, max_new_tokens=24)
 TINY_SPLIT = SplitSettings(n_known=6, n_windows=2, n_samples=1)
 TINY_EVAL = EvalSettings(n_skill=3, n_ppl=4, max_new_tokens=24)
 TINY_FLAGS = ["--r", "4", "--n-facts", "4", "--split.n-known", "6", "--split.n-windows", "2", "--split.n-samples", "1",
               "--train.epochs", "2", "--eval.n-skill", "3", "--eval.n-ppl", "4", "--eval.max-new-tokens", "24",
               "--threads", "1", "--progress", "false"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,10 @@ from spectral_peft.recipes import execute, recipe
 from spectral_peft.training import SFTObjective, TrainConfig, train
 from spectral_peft.training.svf_expert import SVFSettings, train_svf_expert
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAIRS = [("Q: Where does Ana Bel live?\nA:", " Velmora\n"), ("Q: What is the job of Cy Do?\nA:", " baker\n"),
          ("Math: Start with 3. Add 4.\nSolution:", " 3+4=7. #### 7\n"), ("Q: When was Ed Fa born?\nA:", " 1931\n")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ from spectral_peft.organism import build_tokenizer, tiny_random_model
 from spectral_peft.training import (ReinforceObjective, SFTObjective, TrainConfig, collate_pairs, encode_pair, lr_factor,
                                     masked_nll, train)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAIRS = [("Q: Where does Ana Bel live?\nA:", " Velmora\n"), ("Q: What is the job of Cy Do?\nA:", " baker\n"),
          ("Math: Start with 3. Add 4.\nSolution:", " 3+4=7. #### 7\n"), ("Q: When was Ed Fa born?\nA:", " 1931\n")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
