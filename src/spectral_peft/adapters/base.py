@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..spectral import SVD
+from .derived import DerivedState
 from .experts import ExpertMatrix
 from .matrices import layer_kind, weight_view
 
@@ -104,11 +105,12 @@ def init_lora_factors(r: int, shape: tuple[int, int]) -> tuple[nn.Parameter, nn.
     return nn.Parameter(A), nn.Parameter(torch.zeros(m, r))
 
 
-class SpectralLayer(nn.Module):
+class SpectralLayer(DerivedState):
     """``y = base(x) + dW x`` with ``dW = B_eff A_eff`` (fp32), unless merged or disabled.
 
     ``weight`` is ``W`` as an ``m x n`` view of the base layer's stored weight (``kind``: ``linear``, ``conv1d`` or
-    ``expert``); merging writes through it.
+    ``expert``); merging writes through it. Cached singular vectors are derived state (:mod:`.derived`): never
+    buffers, so DDP does not broadcast them and ``state_dict`` does not hold them.
     """
 
     def __init__(self, base_layer: nn.Module):

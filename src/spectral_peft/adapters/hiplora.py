@@ -93,14 +93,20 @@ class HiPLoRAConfig(TopKLowRankConfig):
 
 
 class HiPLoRALayer(SpectralLayer):
-    """Principal gain ``hip_phi`` on the top-k triplets plus a doubly projected residual LoRA."""
+    """Principal gain ``hip_phi`` on the top-k triplets plus a doubly projected residual LoRA.
+
+    Keeps only the top-k triplets: ``U_k``, ``V_k`` live once, in the residual LoRA's projector, ``S`` (``k``) and the
+    budget weights beside them, all derived state.
+    """
+
+    derived = ("S", "budget_w")
 
     def __init__(self, base_layer: nn.Module, svd: SVD, lora: ProjectedLoRA, weights: torch.Tensor, eps: float):
         super().__init__(base_layer)
         self.hip_phi = nn.Parameter(torch.zeros(svd.rank))
         self.lora = lora
-        self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
-        self.register_buffer("budget_w", weights.float(), persistent=False)
+        self.S = svd.S.float().contiguous()
+        self.budget_w = weights.float()
         self.budget_eps = eps
 
     @property

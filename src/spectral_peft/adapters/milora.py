@@ -31,7 +31,9 @@ class MiLoRAConfig(LowRankConfig):
 
 
 class MiLoRALayer(SpectralLayer):
-    """``dW = s (B A - B_0 A_0)`` with ``B``, ``A`` trainable from the minor-triplet init."""
+    """``dW = s (B A - B_0 A_0)`` with ``B``, ``A`` trainable from the minor-triplet init; ``B_0``, ``A_0`` derived."""
+
+    derived = ("B0", "A0")
 
     def __init__(self, base_layer: nn.Module, minor: SVD, scaling: float):
         super().__init__(base_layer)
@@ -41,8 +43,8 @@ class MiLoRALayer(SpectralLayer):
         A0 = root[:, None] * minor.V.float().T
         self.lora_A = nn.Parameter(A0.clone())
         self.lora_B = nn.Parameter(B0.clone())
-        self.register_buffer("B0", B0.contiguous(), persistent=False)
-        self.register_buffer("A0", A0.contiguous(), persistent=False)
+        self.B0 = B0.contiguous()
+        self.A0 = A0.contiguous()
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scaling

@@ -9,6 +9,11 @@ protected expert triplet is kept exactly. The soft variant uses ``P_L = I - U di
 ``expert_mode="fold"`` keeps ``W_e`` as a frozen buffer (the speed of LoRA, one extra copy of each target weight);
 ``"factorised"`` computes ``W x + U (sigma (z - 1) * V^T x)`` (no copy, about one more matmul per token). An expert
 of a 3-D MoE stack keeps no folded copy: its :class:`~.experts.ExpertsLayer` adds the whole ``dW`` to the stack.
+Memory: both modes keep the full ``U``, ``S``, ``V`` (fp32) as derived state, because unload, merge and export
+need ``U diag(sigma (z - 1)) V^T`` exactly against the original base. Folding in place instead of into a copy
+would need the original ``W`` back bit-exactly, and ``round(W_e - dE)`` recovers it only with the exact ``dE``
+(hence the full ``U``, ``V``, or the SVD cache on disk) plus a fix-up of the entries whose rounding crossed a
+binade; from ``W_e`` alone about one bit per entry is lost.
 ``place="inside"`` is an ablation: the update is forced *into* the protected subspace,
 ``dW_k = s U_S U_S^T B A V_S V_S^T``, so that PALoRA's placement can be compared with its opposite.
 Matrices the probe does not cover are adapted by plain LoRA (``uncovered="unconstrained"``) or left alone
@@ -132,7 +137,13 @@ class PALoRAConfig(LowRankConfig):
 
 
 class PALoRALayer(SpectralLayer):
-    """Frozen SVF expert (``expert_scale``) plus a projected LoRA; ``protected_index`` is the set ``S``."""
+    """Frozen SVF expert (``expert_scale``) plus a projected LoRA; ``protected_index`` is the set ``S``.
+
+    ``expert_scale`` and ``protected_index`` are saved state (buffers); the full ``U``, ``S``, ``V`` and the folded
+    ``expert_weight`` are derived state (:mod:`.derived`), recomputed from the base and the probe, never broadcast.
+    """
+
+    derived = ("U", "S", "V", "expert_weight")
 
     def __init__(
         self, base_layer: nn.Module, svd: SVD, z: torch.Tensor, index: torch.Tensor, lora: ProjectedLoRA, mode: str
@@ -142,14 +153,14 @@ class PALoRALayer(SpectralLayer):
         self.lora = lora
         self.register_buffer("expert_scale", z.float().clone())
         self.register_buffer("protected_index", index.long().clone())
-        self.register_buffer("U", svd.U.float().contiguous(), persistent=False)
-        self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
-        self.register_buffer("V", svd.V.float().contiguous(), persistent=False)
+        self.U = svd.U.float().contiguous()
+        self.S = svd.S.float().contiguous()
+        self.V = svd.V.float().contiguous()
         W_e = None
         if mode == "fold" and self.kind != "expert":  # an expert matrix is applied by its ExpertsLayer, never here
             W = self.weight
             W_e = (W.float() + self.expert_delta_weight()).to(W.dtype)
-        self.register_buffer("expert_weight", W_e, persistent=False)
+        self.expert_weight = W_e
 
     def expert_delta_weight(self) -> torch.Tensor:
         """``U diag(sigma (z - 1)) V^T``."""

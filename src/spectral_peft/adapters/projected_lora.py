@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import AdapterConfig, SpectralLayer, init_lora_factors
+from .derived import DerivedState
 
 SVD_METHODS = ("exact", "randomized")
 
@@ -73,8 +74,11 @@ class TopKLowRankConfig(LowRankConfig):
         return self.k
 
 
-class ProjectedLoRA(nn.Module):
-    """Trainable ``A`` (``r x n``), ``B`` (``m x r``) whose product is kept off the protected directions."""
+class ProjectedLoRA(DerivedState):
+    """Trainable ``A`` (``r x n``), ``B`` (``m x r``) whose product is kept off the protected directions; ``U_S``,
+    ``V_S`` (``|S|`` columns) and ``w`` are derived state."""
+
+    derived = ("U_St", "V_St", "w")
 
     def __init__(
         self,
@@ -93,9 +97,9 @@ class ProjectedLoRA(nn.Module):
         self.lora_A, self.lora_B = init_lora_factors(r, shape)
         # stored transposed (|S| x m, |S| x n): the thin products below then run on row-major operands, which
         # measured 2-3x faster than the plain layout for r = 8 (docs/performance.md)
-        self.register_buffer("U_St", U_S.float().T.contiguous(), persistent=False)
-        self.register_buffer("V_St", V_S.float().T.contiguous(), persistent=False)
-        self.register_buffer("w", None if weights is None else weights.float(), persistent=False)
+        self.U_St = U_S.float().T.contiguous()
+        self.V_St = V_S.float().T.contiguous()
+        self.w = None if weights is None else weights.float()
 
     @property
     def U_S(self) -> torch.Tensor:

@@ -60,16 +60,19 @@ class SVFConfig(AdapterConfig):
 
 
 class SVFLayer(SpectralLayer):
-    """``dW = U diag(sigma * (z - 1)) V^T`` with trainable ``svf_param`` (length ``r0``)."""
+    """``dW = U diag(sigma * (z - 1)) V^T`` with trainable ``svf_param`` (length ``r0``); the full ``U``, ``S``, ``V``
+    (derived state) are what its forward needs."""
+
+    derived = ("U", "S", "V")
 
     def __init__(self, base_layer: nn.Module, svd: SVD, parameterisation: str, forward_mode: str):
         super().__init__(base_layer)
         self.parameterisation = parameterisation
         self.forward_mode = forward_mode
         self.svf_param = nn.Parameter(torch.zeros(svd.rank))
-        self.register_buffer("U", svd.U.float().contiguous(), persistent=False)
-        self.register_buffer("S", svd.S.float().contiguous(), persistent=False)
-        self.register_buffer("V", svd.V.float().contiguous(), persistent=False)
+        self.U = svd.U.float().contiguous()
+        self.S = svd.S.float().contiguous()
+        self.V = svd.V.float().contiguous()
 
     def scale(self) -> torch.Tensor:
         """The effective ``z``."""

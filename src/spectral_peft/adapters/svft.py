@@ -77,16 +77,19 @@ class SVFTConfig(AdapterConfig):
 
 
 class SVFTLayer(SpectralLayer):
-    """``dW = U M V^T`` with ``M[rows, cols] = svft_values`` (trainable) and zero elsewhere."""
+    """``dW = U M V^T`` with ``M[rows, cols] = svft_values`` (trainable) and zero elsewhere; the full ``U``, ``V`` and
+    the pattern are derived state (``S`` is not kept: ``M`` replaces it)."""
+
+    derived = ("rows", "cols", "U", "V")
 
     def __init__(self, base_layer: nn.Module, svd: SVD, rows: torch.Tensor, cols: torch.Tensor):
         super().__init__(base_layer)
         self.svft_values = nn.Parameter(torch.zeros(rows.numel()))
         self.diagonal = bool(torch.equal(rows, cols))
-        self.register_buffer("rows", rows.long(), persistent=False)
-        self.register_buffer("cols", cols.long(), persistent=False)
-        self.register_buffer("U", svd.U.float().contiguous(), persistent=False)
-        self.register_buffer("V", svd.V.float().contiguous(), persistent=False)
+        self.rows = rows.long()
+        self.cols = cols.long()
+        self.U = svd.U.float().contiguous()
+        self.V = svd.V.float().contiguous()
 
     def core(self) -> torch.Tensor:
         """The dense ``M``."""
