@@ -53,3 +53,28 @@ def save_tiny_qwen2(path) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+LLAMA_8B_SHAPES = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                   "num_key_value_heads": 8}
+
+
+def save_llama8b_shaped(path, num_layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> str:
+    """A random-init Llama with Llama-3.1-8B's layer shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads), only
+    ``num_layers`` layers and the organism's tokenizer (a small vocabulary, so organism tasks are meaningful), saved
+    in ``dtype`` with a greedy GenerationConfig as a checkpoint directory."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from spectral_peft.organism import CHECKPOINT_DIR
+
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT_DIR, local_files_only=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), num_hidden_layers=num_layers, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **LLAMA_8B_SHAPES)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -283,4 +283,5 @@ def test_merge_errors_and_quick(checkpoint, tmp_path, capsys):
     assert main(["merge", "--quick", "--adapters", str(tmp_path / "a"), "--model", checkpoint, "--out",
                  str(tmp_path / "q")]) == 0
     cfg = yaml.safe_load((tmp_path / "q" / "config.yaml").read_text())
-    assert cfg == {"adapters": [str(tmp_path / "a")], "model": checkpoint, "how": "sum", "weights": [], "density": 0.2}
+    assert cfg == {"adapters": [str(tmp_path / "a")], "model": checkpoint, "how": "sum", "weights": [], "density": 0.2,
+                   "device": "auto", "dtype": "auto"}

@@ -1,8 +1,14 @@
 """Loading the model a recipe works on, by name, and seeding.
 
 ``model`` is ``"organism"`` (the built-in model organism, offline), a local checkpoint directory, or a Hugging Face
-model id (the local cache, or the network where there is one). Models load in fp32 in eval mode; a tokenizer
-without a pad token pads with its end-of-sequence token.
+model id (the local cache, or the network where there is one). Models load in eval mode on the requested device
+(``"auto"``: CUDA when available, else the CPU) and in the requested dtype (``"auto"``: the checkpoint's own, e.g.
+bf16 for most hub checkpoints and fp32 for the organism); a tokenizer without a pad token pads with its
+end-of-sequence token.
+
+:class:`ModelSource` loads a model once and hands it out; every further :meth:`ModelSource.fresh` reloads it from
+disk (never a deep copy, so at most the models the caller keeps alive are in memory), with the random state
+untouched, so a reload is indistinguishable from a copy of the first load.
 
 :func:`check_model_name` runs before any work and reads only small files: a directory must hold a ``config.json``
 of a causal language model (its ``model_type`` maps to a transformers causal-LM class and its ``architectures``, if
@@ -13,7 +19,6 @@ holding NaN or infinite values (one pass over the parameters).
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,40 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"
+
+
+def check_device(device: str) -> None:
+    """Fail in one line unless ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` and usable here."""
+    kind, _, index = str(device).partition(":")
+    if device in (AUTO, "cpu"):
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"--device {device}: unknown device; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_dtype(dtype: str) -> None:
+    """Fail in one line unless ``dtype`` is ``auto`` or one of :data:`DTYPES`."""
+    if dtype != AUTO and dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype}: unknown dtype; use auto, {', '.join(DTYPES)}")
+
+
+def resolve_device(device: str = AUTO) -> torch.device:
+    """The torch device ``device`` names; ``auto`` is CUDA when it is available, else the CPU."""
+    check_device(device)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == AUTO else device)
+
+
+def resolve_dtype(dtype: str = AUTO) -> torch.dtype | str:
+    """The torch dtype ``dtype`` names; ``auto`` stays ``"auto"`` (transformers then keeps the checkpoint's)."""
+    check_dtype(dtype)
+    return AUTO if dtype == AUTO else DTYPES[dtype]
 
 
 def check_model_name(name: str | None) -> None:
@@ -135,10 +174,13 @@ def _check_hub_id(name: str) -> None:
     _check_files(name, {s.rfilename for s in info.siblings or []})
 
 
-def load_model(name: str | None = None):
-    """``(model, tokenizer)`` in eval mode, fp32 (see the module docstring for ``name``); weights holding NaN or
-    infinite values raise :class:`~spectral_peft.errors.InputError`."""
+def load_model(name: str | None = None, device: str = "cpu", dtype: str = "float32", check_finite: bool = True):
+    """``(model, tokenizer)`` in eval mode on ``device`` in ``dtype`` (see the module docstring; the defaults keep
+    fp32 on the CPU); weights holding NaN or infinite values raise :class:`~spectral_peft.errors.InputError`
+    (``check_finite=False`` skips that pass, for a reload of weights already checked)."""
     from transformers.utils import logging
+
+    target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
 
     bar = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # no "Loading weights" bar: an error after it stays one line
@@ -146,25 +188,26 @@ def load_model(name: str | None = None):
         if name in (None, "", ORGANISM):
             from .organism import load
 
-            model, tokenizer = load()
+            model, tokenizer = load(dtype=torch_dtype)
         else:
             check_model_name(name)
-            model, tokenizer = _load_checkpoint(name)
+            model, tokenizer = _load_checkpoint(name, torch_dtype)
     finally:
         if bar:
             logging.enable_progress_bar()
-    check_finite_tensors(model.named_parameters(), f"--model {name or ORGANISM}")
-    return model, tokenizer
+    if check_finite:
+        check_finite_tensors(model.named_parameters(), f"--model {name or ORGANISM}")
+    return model.to(target), tokenizer
 
 
-def _load_checkpoint(name: str):
+def _load_checkpoint(name: str, dtype: torch.dtype | str):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"--model {name} cannot be loaded: {reason}") from err
@@ -174,18 +217,22 @@ def _load_checkpoint(name: str):
 
 
 class ModelSource:
-    """Loads a model once and hands out independent copies (methods such as PiSSA rewrite weights in place)."""
+    """Loads a model once (checked, on ``device`` in ``dtype``) and hands out independent, unchanged models: the
+    first :meth:`fresh` returns the loaded model itself, every later one reloads it from disk with the random state
+    restored afterwards (methods such as PiSSA rewrite weights in place, so a model handed out is never reused)."""
 
-    def __init__(self, name: str | None = None):
-        self.name = name or ORGANISM
-        self._model, self.tokenizer = load_model(name)
+    def __init__(self, name: str | None = None, device: str = AUTO, dtype: str = AUTO):
+        self.name, self.device, self.dtype = name or ORGANISM, device, dtype
+        self._model, self.tokenizer = load_model(name, device, dtype)
+        self.n_parameters = sum(p.numel() for p in self._model.parameters())
 
     def fresh(self) -> nn.Module:
-        return copy.deepcopy(self._model).eval()
-
-    @property
-    def n_parameters(self) -> int:
-        return sum(p.numel() for p in self._model.parameters())
+        if self._model is not None:
+            model, self._model = self._model, None
+            return model.eval()
+        with torch.random.fork_rng(devices=[]):
+            model, _ = load_model(self.name, self.device, self.dtype, check_finite=False)
+        return model
 
 
 def seed_everything(seed: int, threads: int | None = None) -> None:

@@ -57,11 +57,12 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     outputs: list[str] = [""] * len(prompts)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    device = next(model.parameters()).device  # the weights' device (wrappers may not expose .device)
     with padded_left(tokenizer):
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc=desc, disable=not progress, total=len(starts)):
             idx = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             width = enc["input_ids"].shape[1]
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..evaluation import skill_accuracy
 from ..evaluation.continual import backward_transfer, example_transfer, forgetting, plot_accuracy_matrix, run_continual
 from ..evaluation.stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, save_figure
 from ..runs import RunDir, safe_name
@@ -47,6 +47,9 @@ class Config:
         tasks: at least 2 distinct task specs, trained in this order (organism tasks such as sort or reverse@3,
             gsm8k:PATH, a prompt/response JSONL, ...).
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         seeds: seeds of the adapters' initialisation and batch order, one task sequence per method and seed.
         r: default LoRA rank (HiP-LoRA's residual rank) for a spec that does not set r.
         k: default HiP-LoRA principal size (OPLoRA's protected size) for a spec that does not set k.
@@ -62,6 +65,8 @@ class Config:
     methods: str = "lora,hiplora,hiplora:mode=penalty"
     tasks: tuple[str, ...] = ("count", "max", "reverse@3", "sort")
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     seeds: tuple[int, ...] = (0, 1)
     r: int = 8
     k: int = 16
@@ -87,6 +92,8 @@ class Config:
         for task in self.tasks:
             check_task_spec(task, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -154,7 +161,7 @@ class Result:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     tasks = {spec: load_task(spec, tokenizer=tok, chat_template=cfg.chat_template,
                              allow_code_execution=cfg.allow_code_execution) for spec in cfg.tasks}

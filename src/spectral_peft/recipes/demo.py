@@ -25,7 +25,7 @@ from ..evaluation.injection import (EvalSettings, InjectionOutcome, ORGANISM_SKI
                                     retention, summarise, summary_table, tradeoff_points)
 from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_facts_spec, find_split, load_facts
 from ..training.injection import InjectSettings, train_injection
-from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
+from ..loading import ORGANISM, ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
 from ..probe import Probe, fold_expert
 from ..report import plot_loss, plot_skill_bars, plot_tradeoff, plot_training, probe_figures, probe_spread, save_figure
@@ -43,6 +43,9 @@ class Config:
 
     Attributes:
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         skill: the SVF expert's skill (a data spec: an organism skill, gsm8k:PATH, ...).
         retain_skills: the skills whose retention is measured (data specs).
         methods: comma-separated method specs, each injected from the same expert.
@@ -62,6 +65,8 @@ class Config:
     """
 
     model: str = ORGANISM
+    device: str = "auto"
+    dtype: str = "auto"
     skill: str = "math"
     retain_skills: tuple[str, ...] = ORGANISM_SKILLS
     methods: str = "lora,oplora,palora,hiplora"
@@ -93,6 +98,8 @@ class Config:
             check_task_spec(spec, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
         check_facts_spec(self.facts)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -146,7 +153,7 @@ def run(cfg: Config, run: RunDir) -> Result:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.threads)
     specs = parse_methods(cfg.methods, cfg.defaults())
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     task = load_task(cfg.skill, tokenizer=tok, chat_template=cfg.chat_template,
                      allow_code_execution=cfg.allow_code_execution)

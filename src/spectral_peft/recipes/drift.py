@@ -39,7 +39,7 @@ from ..data.chat import check_chat_mode
 from ..evaluation import perplexity, recall, skill_accuracy
 from ..evaluation.interference import INTERFERENCE_METRICS, InterferenceRow, interference_table, plot_interference
 from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..merging import adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainable, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
@@ -62,6 +62,9 @@ class Config:
         task: the fine-tuning task: organism task (sort, max@3, math, ...), gsm8k:PATH, mbpp:PATH, arc-easy:PATH,
             arc-challenge:PATH, or a prompt/response JSONL (PATH.jsonl?checker=exact|numeric|regex).
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         seeds: training seeds (adapter initialisation and batch order), one adapter per method and seed.
         r: default LoRA rank (HiP-LoRA's residual rank) for a spec that does not set r.
         k: default HiP-LoRA principal size (OPLoRA's protected size) for a spec that does not set k; also the top-k of
@@ -82,6 +85,8 @@ class Config:
     methods: str = "lora,hiplora:rho=0.02,hiplora,hiplora:rho=0.5,hiplora:mode=penalty,oplora"
     task: str = "max"
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     seeds: tuple[int, ...] = (0, 1, 2)
     r: int = 8
     k: int = 16
@@ -108,6 +113,8 @@ class Config:
         check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
         check_task_spec(self.task, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -221,7 +228,7 @@ def _seed_rows(x: np.ndarray, n_seeds: int) -> np.ndarray:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     base = source.fresh()
     task = load_task(cfg.task, tokenizer=tok, chat_template=cfg.chat_template,

@@ -30,7 +30,7 @@ from ..evaluation import generate, skill_accuracy
 from ..evaluation.editing import (ORGANISM_EDITS, EditCase, evaluate_editing, load_edit_set, locality_facts,
                                   skill_preservation)
 from ..evaluation.stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainable, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, plot_loss, save_figure
 from ..runs import RunDir
@@ -57,6 +57,9 @@ class Config:
         task: the edit set: organism (the organism's counterfactual edits) or a JSONL file of
             {"question", "old_answer", "new_answer", "paraphrases": [...]} rows.
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         seeds: seeds of the adapters' initialisation and batch order (one adapter per method and seed).
         r: default LoRA rank (HiP-LoRA's residual rank) for a spec that does not set r.
         k: default HiP-LoRA principal size (OPLoRA's protected size) for a spec that does not set k.
@@ -79,6 +82,8 @@ class Config:
     methods: str = "lora,hiplora,hiplora:mode=penalty"
     task: str = ORGANISM_EDITS
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     seeds: tuple[int, ...] = (0, 1)
     r: int = 8
     k: int = 16
@@ -109,6 +114,8 @@ class Config:
             check_task_spec(skill, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
         load_edit_set(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -205,7 +212,7 @@ def _unit_key(label: str, seed: int) -> str:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     specs = parse_methods(cfg.methods, cfg.defaults(), allowed=ADDITIVE_METHODS)
     if cfg.match_budget:

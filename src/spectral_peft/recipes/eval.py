@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..data import check_task_spec
 from ..errors import InputError, MissingInputError
 from ..evaluation.injection import (EvalSettings, InjectionOutcome, evaluate_injection, make_suite, retention,
                                     summarise, summary_table)
 from ..evaluation.knowledge_split import KnowledgeSplit
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec
 from ..model import load_adapter
 from ..probe import fold_expert, load_probe
@@ -39,6 +40,10 @@ class Config:
     Attributes:
         run_dir: an injection run directory (from spectral-peft inject).
         model: the base model; None: the run's.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
+        skill: the skills whose retention is measured (data specs); empty: the run's.
         n_skill: test problems per retained skill; None: the run's.
         n_ppl: held-out documents for perplexity (0: skip); None: the run's.
         allow_code_execution: let MBPP's checker run model-written code in the sandbox.
@@ -48,6 +53,9 @@ class Config:
 
     run_dir: str = "runs/inject"
     model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    skill: tuple[str, ...] = ()
     n_skill: int | None = None
     n_ppl: int | None = None
     allow_code_execution: bool = False
@@ -64,6 +72,8 @@ class Config:
             check_at_least(1, n_skill=self.n_skill)
         if self.n_ppl is not None:
             check_at_least(0, n_ppl=self.n_ppl)
+        for spec in self.skill:
+            check_task_spec(spec, allow_code_execution=self.allow_code_execution)
         path = Path(self.run_dir).expanduser()
         if not all((path / f).exists() for f in ("metrics.json", "facts.json", "adapter")):
             raise MissingInputError(f"{self.run_dir} is not an injection run directory (needs metrics.json, "
@@ -79,6 +89,8 @@ class Config:
                              f"be re-applied to the original base; its numbers are in {self.run_dir}/metrics.json")
         check_adapter(path / "adapter")
         check_probe(saved["probe"])
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model if self.model is not None else saved["model"])
 
 
@@ -116,10 +128,11 @@ def run(cfg: Config, run: RunDir) -> Result:
     overrides = {k: v for k, v in (("n_skill", cfg.n_skill), ("n_ppl", cfg.n_ppl)) if v is not None}
     settings = EvalSettings(**{**{f.name: saved["eval"][f.name] for f in fields(EvalSettings)}, **overrides})
     probe = load_probe(saved["probe"])
-    source = ModelSource(cfg.model or saved["model"])
+    source = ModelSource(cfg.model or saved["model"], cfg.device, cfg.dtype)
     tok = source.tokenizer
     split = KnowledgeSplit.from_dict(read_json(path / "facts.json"))
-    suite = make_suite(split, saved["skills"], tok, settings, saved["chat_template"], cfg.allow_code_execution)
+    suite = make_suite(split, list(cfg.skill) or saved["skills"], tok, settings, saved["chat_template"],
+                       cfg.allow_code_execution)
     expert = evaluate_injection(fold_expert(source.fresh(), probe), tok, suite, cfg.progress)
     base = source.fresh()
     if not spec.needs_probe:

@@ -21,7 +21,7 @@ from ..data import check_task_spec, load_task
 from ..data.chat import check_chat_mode
 from ..evaluation import skill_accuracy
 from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, budget_table, count_trainable, hiplora_reference, match_budgets, parse_method
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir
@@ -38,6 +38,9 @@ class Config:
         task: organism task (sort, max@3, math, ...), gsm8k:PATH, mbpp:PATH, arc-easy:PATH, arc-challenge:PATH, or a
             prompt/response JSONL (PATH.jsonl?checker=exact|numeric|regex).
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         r: default LoRA rank (HiP-LoRA's residual rank) for a spec that does not set r.
         k: default HiP-LoRA principal size (OPLoRA's protected size) for a spec that does not set k.
         targets: default target matrices, mlp or all-linear.
@@ -53,6 +56,8 @@ class Config:
     method: str = "hiplora"
     task: str = "sort"
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     r: int = 8
     k: int = 16
     targets: str = "all-linear"
@@ -74,6 +79,8 @@ class Config:
         check_method(self.method, self.defaults())
         check_task_spec(self.task, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -121,14 +128,16 @@ class Result:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seed, cfg.threads)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     task = load_task(cfg.task, tokenizer=tok, chat_template=cfg.chat_template,
                      allow_code_execution=cfg.allow_code_execution)
     spec = parse_method(cfg.method, cfg.defaults())
     reference = hiplora_reference([spec], cfg.defaults())
+    base = source.fresh()  # the one model: counted, scored, then trained (scoring leaves it unchanged)
     if cfg.match_budget:
-        spec = match_budgets([spec], source.fresh(), cfg.defaults())[0]
+        spec = match_budgets([spec], base, cfg.defaults())[0]
+    budget_counts = budget_table([reference, spec] if spec.method != "hiplora" else [spec], base)
     s = cfg.train
     pairs = [(e.prompt, e.target) for e in task.examples("train", n=s.n_train)]
     examples = task.examples("test", n=s.n_eval)
@@ -138,13 +147,13 @@ def run(cfg: Config, run: RunDir) -> Result:
         res = skill_accuracy(model, tok, task, examples, max_new_tokens=budget, progress=cfg.progress)
         return [float(c) for c in res.correct]
 
-    base_correct = score(source.fresh())
-    model, history = train_adapter(source.fresh(), tok, spec, pairs, s, cfg.seed, desc=f"finetune {spec.label}",
+    base_correct = score(base)
+    model, history = train_adapter(base, tok, spec, pairs, s, cfg.seed, desc=f"finetune {spec.label}",
                                    progress=cfg.progress, checkpoint_dir=run.file("checkpoint"))
     model.save_pretrained(run.file("adapter"))
     return Result(spec=spec, task=task.name, base_correct=base_correct, correct=score(model),
                   trainable_parameters=count_trainable(model),
-                  budget_counts=budget_table([reference, spec] if spec.method != "hiplora" else [spec], source.fresh()),
+                  budget_counts=budget_counts,
                   losses=history.losses, logs=history.logs, train_seconds=history.seconds,
                   budget_use=final_budget_use(model), settings=s)
 

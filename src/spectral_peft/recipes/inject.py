@@ -24,7 +24,7 @@ from ..evaluation.injection import (EvalSettings, InjectionOutcome, ORGANISM_SKI
                                     retention, summarise, summary_table)
 from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_facts_spec, find_split, load_facts
 from ..training.injection import InjectSettings, train_injection
-from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
+from ..loading import ORGANISM, ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_method
 from ..probe import fold_expert, load_probe
 from ..report import plot_loss, save_figure
@@ -47,6 +47,9 @@ class Config:
         skill: the skills whose retention is measured (data specs; with a model other than the organism, name its
             own, e.g. gsm8k:PATH).
         model: the model the probe was trained on: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         r: default LoRA rank for a spec that does not set r.
         targets: default target matrices (mlp or all-linear) for a spec that does not set them.
         n_facts: Unknown facts to inject.
@@ -65,6 +68,8 @@ class Config:
     facts: str = "organism"
     skill: tuple[str, ...] = ORGANISM_SKILLS
     model: str = ORGANISM
+    device: str = "auto"
+    dtype: str = "auto"
     r: int = 8
     targets: str = "mlp"
     n_facts: int = 64
@@ -93,6 +98,8 @@ class Config:
         check_chat_mode(self.chat_template)
         check_facts_spec(self.facts)
         check_probe(self.probe)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -152,7 +159,7 @@ def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seed, cfg.threads)
     spec = parse_method(cfg.method, cfg.defaults())
     probe = load_probe(cfg.probe)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     expert = fold_expert(source.fresh(), probe)
     pool = load_facts(cfg.facts)

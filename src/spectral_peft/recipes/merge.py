@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..loading import check_model_name, load_model
+from ..loading import check_device, check_dtype, check_model_name, load_model
 from ..merging import MERGE_OPERATORS, adapter_deltas, apply_deltas, merge_deltas
 from ..model import read_adapter_config
 from ..report import md_table
@@ -40,6 +40,9 @@ class Config:
         adapters: adapter directories (each with adapter_config.json) trained from the same base model.
         model: the base model the adapters were trained on: "organism", a checkpoint directory or a Hugging Face
             model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         how: sum (task arithmetic on dW) or ties (TIES-merging on dW).
         weights: one weight per adapter (default: 1 each).
         density: ties only: the fraction of each update's entries kept (the largest by magnitude), in (0, 1].
@@ -47,6 +50,8 @@ class Config:
 
     adapters: tuple[str, ...] = ()
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     how: str = "sum"
     weights: tuple[float, ...] = ()
     density: float = 0.2
@@ -62,6 +67,8 @@ class Config:
         check_interval("density", self.density, 0, 1)
         for adapter in self.adapters:
             check_adapter(adapter)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -105,7 +112,7 @@ def _method(adapter: str) -> str:
 
 def run(cfg: Config, run: RunDir) -> Result:
     weights = list(cfg.weights) or [1.0] * len(cfg.adapters)
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
     deltas = [adapter_deltas(Path(a).expanduser(), base) for a in cfg.adapters]
     merged = merge_deltas(deltas, weights, cfg.how, cfg.density)
     apply_deltas(base, merged, inplace=True)

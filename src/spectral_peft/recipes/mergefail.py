@@ -32,7 +32,7 @@ from ..evaluation import skill_accuracy
 from ..evaluation.mergefail import (MERGEFAIL_SEEDS, MergeFailResult, MergeFailSummary, mergefail, plot_mergefail,
                                     summarize)
 from ..evaluation.stats import CI, proportion_ci
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..merging import MERGE_OPERATORS, adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets, parse_methods
 from ..report import fmt_ci, md_table, plot_budget_use, save_figure
@@ -52,6 +52,9 @@ class Config:
         tasks: at least 2 distinct task specs (organism tasks such as sort or reverse@3, gsm8k:PATH, a prompt/response
             JSONL, ...), one single-task adapter each.
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         seeds: seeds of the adapters (one adapter per method, seed and task) and of the instance draws.
         r: default LoRA rank (HiP-LoRA's residual rank) for a spec that does not set r.
         k: default HiP-LoRA principal size (OPLoRA's protected size) for a spec that does not set k.
@@ -71,6 +74,8 @@ class Config:
     methods: str = "lora,hiplora,hiplora:mode=penalty"
     tasks: tuple[str, ...] = ("count", "max", "reverse@3", "sort")
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     seeds: tuple[int, ...] = MERGEFAIL_SEEDS
     r: int = 8
     k: int = 16
@@ -106,6 +111,8 @@ class Config:
         for task in self.tasks:
             check_task_spec(task, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -165,7 +172,7 @@ class Result:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seeds[0], cfg.threads)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     tasks = {spec: load_task(spec, tokenizer=tok, chat_template=cfg.chat_template,
                              allow_code_execution=cfg.allow_code_execution) for spec in cfg.tasks}

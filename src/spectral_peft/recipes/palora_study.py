@@ -31,7 +31,7 @@ from ..evaluation.injection import (EvalSettings, InjectionOutcome, ORGANISM_SKI
                                     make_suite, retention, summarise, summary_table, tradeoff_points)
 from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_facts_spec, find_split, load_facts
 from ..training.injection import InjectSettings, train_injection
-from ..loading import ORGANISM, ModelSource, check_model_name, seed_everything
+from ..loading import ORGANISM, ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
 from ..probe import fold_expert, load_probe
 from ..report import plot_tradeoff
@@ -50,6 +50,9 @@ class Config:
 
     Attributes:
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         skill: the SVF expert's skill (a data spec).
         retain_skills: the skills whose retention is measured (data specs).
         methods: comma-separated method specs (PALoRA's ablations: palora:protect=sigma, palora:protect=random,
@@ -72,6 +75,8 @@ class Config:
     """
 
     model: str = ORGANISM
+    device: str = "auto"
+    dtype: str = "auto"
     skill: str = "math"
     retain_skills: tuple[str, ...] = ORGANISM_SKILLS
     methods: str = ALL_METHODS
@@ -108,6 +113,8 @@ class Config:
             check_task_spec(spec, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
         check_facts_spec(self.facts)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -179,7 +186,7 @@ def _method_unit(cfg: Config, source: ModelSource, spec: MethodSpec, probe, suit
 def run(cfg: Config, run: RunDir) -> Result:
     t0 = time.perf_counter()
     specs = parse_methods(cfg.methods, cfg.defaults())
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     tok = source.tokenizer
     task = load_task(cfg.skill, tokenizer=tok, chat_template=cfg.chat_template,
                      allow_code_execution=cfg.allow_code_execution)

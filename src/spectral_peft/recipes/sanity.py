@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from ..data import heldout_text
 from ..errors import InputError
 from ..evaluation.sanity import PERTURBATIONS, correlate_by_matrix, spectral_sanity, text_loss
-from ..loading import check_model_name, load_model, seed_everything
+from ..loading import check_device, check_dtype, check_model_name, load_model, seed_everything
 from ..methods import TARGETS, target_shapes
 from ..report import md_table, save_figure
 from ..runs import RunDir
@@ -35,6 +35,9 @@ class Config:
 
     Attributes:
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         targets: the matrices to probe, mlp or all-linear.
         n_indices: singular indices per matrix, spread evenly over its spectrum (both ends included).
         n_docs: held-out pretraining documents in the fixed loss batch (each cut to 256 tokens).
@@ -46,6 +49,8 @@ class Config:
     """
 
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     targets: str = "all-linear"
     n_indices: int = 24
     n_docs: int = 32
@@ -64,6 +69,8 @@ class Config:
             raise InputError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         check_at_least(1, n_indices=self.n_indices, n_docs=self.n_docs, threads=self.threads)
         check_positive(noise=self.noise)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -89,7 +96,7 @@ class Result:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seed, cfg.threads)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     modules = list(target_shapes(model, cfg.targets))
     if not modules:
         raise InputError(f"the model has no {cfg.targets} target matrices to perturb")

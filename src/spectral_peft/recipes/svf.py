@@ -20,7 +20,7 @@ import torch
 from ..data import check_task_spec, load_task
 from ..data.chat import check_chat_mode
 from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
-from ..loading import ModelSource, check_model_name, seed_everything
+from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..probe import Probe
 from ..report import fmt_ci, plot_training, probe_figures
 from ..runs import RunDir
@@ -37,6 +37,9 @@ class Config:
             arc-easy:PATH, arc-challenge:PATH, or a prompt/response JSONL.
         objective: sft (cross-entropy on worked solutions) or reinforce (greedy rollouts rewarded by the checker).
         model: "organism", a checkpoint directory or a Hugging Face model id.
+        device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+        dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or
+            float16.
         train: the expert's sizes and schedule.
         chat_template: auto (use the tokenizer's chat template when it has one) or none.
         allow_code_execution: let MBPP's checker run model-written code in the sandbox.
@@ -48,6 +51,8 @@ class Config:
     skill: str = "math"
     objective: str = "sft"
     model: str = "organism"
+    device: str = "auto"
+    dtype: str = "auto"
     train: SVFSettings = field(default_factory=SVFSettings)
     chat_template: str = "auto"
     allow_code_execution: bool = False
@@ -62,6 +67,8 @@ class Config:
         check_objective(self.objective)
         check_task_spec(self.skill, allow_code_execution=self.allow_code_execution)
         check_chat_mode(self.chat_template)
+        check_device(self.device)
+        check_dtype(self.dtype)
         check_model_name(self.model)
 
 
@@ -105,7 +112,7 @@ class Result:
 
 def run(cfg: Config, run: RunDir) -> Result:
     seed_everything(cfg.seed, cfg.threads)
-    source = ModelSource(cfg.model)
+    source = ModelSource(cfg.model, cfg.device, cfg.dtype)
     task = load_task(cfg.skill, tokenizer=source.tokenizer, chat_template=cfg.chat_template,
                      allow_code_execution=cfg.allow_code_execution)
     expert = train_svf_expert(source.fresh(), source.tokenizer, task, cfg.train, cfg.objective, cfg.seed,
