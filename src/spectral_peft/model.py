@@ -14,6 +14,7 @@ the recorded hashes guarantee they are the same.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -25,11 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .adapters import CONFIG_CLASSES, AdapterConfig, HiPLoRALayer, SpectralLayer, project_budgets
+from . import __version__, budget
+from .adapters import CONFIG_CLASSES, AdapterConfig, HiPLoRALayer, SpectralLayer
 from .adapters.base import TARGET_RULES
 from .adapters.experts import ExpertMatrix, ExpertsLayer
-from .adapters.hiplora import HiPLoRAConfig
 from .adapters.matrices import KINDS, Matrix, find_matrices, matrix_weights
 from .adapters.palora import PALoRAConfig
 from .adapters.targets import Selection, listing, select
@@ -110,28 +110,41 @@ def task_type(model: nn.Module) -> str | None:
 
 
 class SpectralPeftModel(nn.Module):
-    """A causal LM whose targeted matrices carry a spectral adapter. Unknown attributes fall through to the LM."""
+    """A causal LM whose targeted matrices carry a spectral adapter. Unknown attributes fall through to the LM.
+
+    The wrapper defines no name that transformers or TRL give a meaning to: ``base_model``, ``get_decoder``,
+    ``get_output_embeddings``, ``config`` ... are the LM's own (``base_model`` is its backbone, as on any transformers
+    model); :meth:`get_base_model` returns the LM. Each wrapped model's class is a subclass made for the LM's class
+    (:func:`wrapper_class`) whose ``forward`` has the LM's signature, so the Trainer keeps the dataset columns the LM
+    takes and finds ``labels`` (``eval_loss``). Method-specific training behaviour (HiP-LoRA's budget) is attached to
+    the layers (:mod:`.budget`), not to names of the wrapper.
+    """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, base: dict[str, dict[str, Any]],
                  left_out: dict[str, str] | None = None):
         super().__init__()
-        self.base_model = model
+        self.lm = model
         self.peft_config = config
         self.base_weights = base
         self.left_out = dict(left_out or {})
+        self._hook_handles = budget.attach_penalty(config, list(self.spectral_layers().values()))
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "lm":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.lm, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The LM, its targeted modules replaced by adapter layers (as PEFT's ``PeftModel.get_base_model``)."""
+        return self.lm
 
     def hosts(self) -> dict[str, SpectralLayer | ExpertsLayer]:
         """``{module path: wrapper}``: the spectral layers that replaced linear/Conv1D modules, and the
         :class:`ExpertsLayer` hosts that replaced experts modules."""
-        return {n: m for n, m in self.base_model.named_modules()
+        return {n: m for n, m in self.lm.named_modules()
                 if isinstance(m, ExpertsLayer) or (isinstance(m, SpectralLayer) and m.kind != "expert")}
 
     def spectral_layers(self) -> dict[str, SpectralLayer]:
@@ -163,34 +176,28 @@ class SpectralPeftModel(nn.Module):
         print(self.adapted_summary())
 
     def hip_layers(self) -> list[HiPLoRALayer]:
-        return [m for m in self.spectral_layers().values() if isinstance(m, HiPLoRALayer)]
-
-    def budget_penalty(self) -> torch.Tensor | None:
-        """``lambda * sum_layers R(phi)`` when HiP-LoRA runs in penalty mode, else ``None``."""
-        cfg = self.peft_config
-        if not isinstance(cfg, HiPLoRAConfig) or cfg.budget_mode != "penalty":
-            return None
-        return cfg.budget_lambda * sum(layer.regulariser() for layer in self.hip_layers())
+        return budget.hip_layers(list(self.spectral_layers().values()))
 
     def budget_use(self) -> dict[str, float]:
         """``R(phi) / eps`` for every HiP-LoRA layer."""
-        return {n: m.budget_use() for n, m in self.spectral_layers().items() if isinstance(m, HiPLoRALayer)}
+        return budget.budget_use(self.spectral_layers())
 
     def project_budgets(self) -> None:
         """Project every ``phi`` onto its budget ball (HiP-LoRA in constraint mode; a no-op otherwise)."""
-        cfg = self.peft_config
-        if isinstance(cfg, HiPLoRAConfig) and cfg.budget_mode == "constraint":
-            project_budgets(self.hip_layers())
+        budget.project(self.peft_config, list(self.spectral_layers().values()))
 
     def forward(self, *args: Any, **kwargs: Any):
-        out = self.base_model(*args, **kwargs)
-        penalty = self.budget_penalty() if self.training else None
-        if penalty is not None and getattr(out, "loss", None) is not None:
-            out.loss = out.loss + penalty.to(out.loss.dtype)
+        """The LM's forward. In training mode the returned ``loss`` also holds the value (not the gradient) of the
+        method's penalty (:mod:`.budget`: the gradient comes from hooks on the layers, once per optimiser step)."""
+        out = self.lm(*args, **kwargs)
+        if self.training and getattr(out, "loss", None) is not None:
+            penalty = budget.penalty_value(self.peft_config, list(self.spectral_layers().values()))
+            if penalty is not None:
+                out.loss = out.loss + penalty.to(out.loss.device, out.loss.dtype)
         return out
 
     def generate(self, *args: Any, **kwargs: Any):
-        return self.base_model.generate(*args, **kwargs)
+        return self.lm.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -222,11 +229,15 @@ class SpectralPeftModel(nn.Module):
                     state[f"{name}.{key}"] = value.detach().contiguous().cpu()
         return state
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically) into ``path``."""
+    def save_pretrained(self, path: str | Path, is_main_process: bool = True, **_: Any) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically) into ``path``: the
+        adapter only, never the LM's weights. Keywords the Trainer and accelerate pass (``state_dict``,
+        ``safe_serialization``) are ignored; ``is_main_process=False`` writes nothing."""
+        if not is_main_process:
+            return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+        name_or_path = getattr(getattr(self.lm, "config", None), "_name_or_path", None)
         config = {"spectral_peft_version": __version__, **self.peft_config.to_dict(),
                   "base_model_name_or_path": name_or_path, "base_weights": self.base_weights}
         tmp_w, tmp_c = path / (ADAPTER_WEIGHTS + ".tmp"), path / (ADAPTER_CONFIG + ".tmp")
@@ -235,13 +246,24 @@ class SpectralPeftModel(nn.Module):
         os.replace(tmp_w, path / ADAPTER_WEIGHTS)
         os.replace(tmp_c, path / ADAPTER_CONFIG)
 
+    def load_adapter_weights(self, path: str | Path, is_trainable: bool = True) -> None:
+        """Load the tensors of a saved adapter of the same method and matrices into this model (in place), e.g. a
+        Trainer checkpoint when resuming."""
+        d = read_adapter_config(path)
+        if d.get("method") != self.peft_config.method or sorted(d.get("base_weights", {})) != sorted(self.base_weights):
+            raise InputError(f"{path}: the saved adapter ({d.get('method')!r}) is not this model's "
+                             f"{self.peft_config.method!r} adapter on the same matrices; load it with load_adapter")
+        load_layer_states(self, load_file(str(Path(path) / ADAPTER_WEIGHTS)), path, is_trainable)
+
     def _restore(self, merge: bool) -> nn.Module:
         if merge:
             for layer in self.spectral_layers().values():
                 layer.merge()
         for name, host in self.hosts().items():
-            self.base_model.set_submodule(name, host.base_layer)
-        return self.base_model
+            self.lm.set_submodule(name, host.base_layer)
+        for handle in self._hook_handles:
+            handle.remove()
+        return self.lm
 
     def merge_and_unload(self) -> nn.Module:
         """Write ``W + dW`` into every adapted linear and return the plain model."""
@@ -250,6 +272,38 @@ class SpectralPeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Drop the adapter and return the plain, unchanged model."""
         return self._restore(merge=False)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def wrapper_class(model: nn.Module) -> type:
+    """The :class:`SpectralPeftModel` subclass for ``type(model)``: its ``forward`` carries the LM's signature (the
+    Trainer reads the signature for the columns to keep and the label names), under the name ``SpectralPeft<LM>``."""
+    lm_class = type(model)
+    if lm_class not in _CLASSES:
+        def forward(self, *args: Any, **kwargs: Any):
+            return SpectralPeftModel.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(lm_class.forward)
+        forward.__doc__ = SpectralPeftModel.forward.__doc__
+        name = f"SpectralPeft{lm_class.__name__}"
+        _CLASSES[lm_class] = type(name, (SpectralPeftModel,), {"forward": forward, "__module__": __name__,
+                                                                "__qualname__": name})
+    return _CLASSES[lm_class]
+
+
+def load_layer_states(wrapped: SpectralPeftModel, state: dict[str, torch.Tensor], path: str | Path,
+                      is_trainable: bool) -> None:
+    """Copy a saved adapter's tensors into ``wrapped``'s layers; refuse missing or unexpected keys."""
+    for name, layer in wrapped.spectral_layers().items():
+        own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        missing, unexpected = layer.load_state_dict(own, strict=False)
+        missing = [k for k in missing if not k.startswith("base_layer.")]
+        if missing or unexpected:
+            raise InputError(f"{path}: {name} is missing {missing} / has unexpected {unexpected}")
+        for pname, p in layer.named_parameters():
+            p.requires_grad_(is_trainable and not pname.startswith("base_layer."))
 
 
 def _svd_cache(svd_cache: SVDCache | str | Path | None) -> SVDCache:
@@ -281,7 +335,7 @@ def _wrap(model: nn.Module, config: AdapterConfig, matrices: list[Matrix], svd_c
             model.set_submodule(m.name, layer)
     for path, layers in experts.items():
         model.set_submodule(path, ExpertsLayer(modules[path], layers))
-    wrapped = SpectralPeftModel(model, config, base, left_out)
+    wrapped = wrapper_class(model)(model, config, base, left_out)
     if progress:
         wrapped.print_adapted()
     return wrapped
@@ -373,12 +427,5 @@ def load_adapter(
     config = CONFIG_CLASSES[method].from_saved(d, state, d["base_weights"])
     by_name = {m.name: m for m in find_matrices(model)[0]}
     wrapped = _wrap(model, config, [by_name[n] for n in d["base_weights"]], _svd_cache(svd_cache), progress)
-    for name, layer in wrapped.spectral_layers().items():
-        own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        missing, unexpected = layer.load_state_dict(own, strict=False)
-        missing = [k for k in missing if not k.startswith("base_layer.")]
-        if missing or unexpected:
-            raise InputError(f"{path}: {name} is missing {missing} / has unexpected {unexpected}")
-        for pname, p in layer.named_parameters():
-            p.requires_grad_(is_trainable and not pname.startswith("base_layer."))
+    load_layer_states(wrapped, state, path, is_trainable)
     return wrapped

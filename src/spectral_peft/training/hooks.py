@@ -1,6 +1,6 @@
 """Cross-cutting training hooks: HiP-LoRA's budget projection after every optimiser step, and budget logging.
 
-Plain loops: ``attach_budget_projection(optimizer, model)`` registers a torch optimiser post-step hook.
+Plain loops and accelerate: ``attach_budget_projection(optimizer, model)`` registers a torch optimiser post-step hook.
 transformers ``Trainer``: ``BudgetCallback()`` projects in ``on_optimizer_step`` and adds the budget use
 (``max_layers R(phi) / eps``) to the logs.
 """
@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..errors import InputError
 from ..model import SpectralPeftModel
 
 
-def _unwrap(model: Any) -> SpectralPeftModel | None:
+def unwrap_spectral(model: Any) -> SpectralPeftModel | None:
+    """The :class:`SpectralPeftModel` inside DDP/accelerate wrappers (``.module``), or ``None``."""
     while model is not None and not isinstance(model, SpectralPeftModel):
         model = getattr(model, "module", None)
     return model
@@ -27,9 +29,19 @@ def max_budget_use(model: SpectralPeftModel) -> float | None:
     return max(use.values()) if use else None
 
 
-def attach_budget_projection(optimizer: torch.optim.Optimizer, model: SpectralPeftModel):
-    """Project HiP-LoRA's ``phi`` onto its budget after every ``optimizer.step()``; returns the hook handle."""
-    return optimizer.register_step_post_hook(lambda *_: model.project_budgets())
+def attach_budget_projection(optimizer: torch.optim.Optimizer, model: Any):
+    """Project HiP-LoRA's ``phi`` onto its budget after every step of ``optimizer``; returns the hook handle.
+
+    ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer``: the hook goes on the torch optimiser inside,
+    so it runs only on the steps that really update, e.g. not on skipped gradient-accumulation steps); ``model`` may
+    be wrapped by DDP or accelerate (``.module``)."""
+    wrapped = unwrap_spectral(model)
+    if wrapped is None:
+        raise InputError(f"attach_budget_projection takes a model from spectral_peft.get_peft_model, got "
+                         f"{type(model).__name__}")
+    while not hasattr(optimizer, "_optimizer_step_post_hooks") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer.register_step_post_hook(lambda *_: wrapped.project_budgets())
 
 
 class BudgetCallback(TrainerCallback):
@@ -40,7 +52,7 @@ class BudgetCallback(TrainerCallback):
         self.history: list[tuple[int, float]] = []
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        wrapped = _unwrap(model)
+        wrapped = unwrap_spectral(model)
         if wrapped is None:
             return
         wrapped.project_budgets()

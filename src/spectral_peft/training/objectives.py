@@ -92,11 +92,7 @@ class SFTObjective:
         batch = {k: v.to(_device(model)) for k, v in batch.items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = masked_nll(out.logits, batch["labels"])
-        penalty = model.budget_penalty() if hasattr(model, "budget_penalty") else None
-        logs = {"nll": loss.item()}
-        if penalty is not None:
-            loss = loss + penalty
-        return loss, logs
+        return loss, {"nll": loss.item()}
 
 
 @contextlib.contextmanager
@@ -154,7 +150,4 @@ class ReinforceObjective:
             kl = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1).mean()
             loss = loss + self.kl_coef * kl
             logs["kl"] = float(kl)
-        penalty = model.budget_penalty() if hasattr(model, "budget_penalty") else None
-        if penalty is not None:
-            loss = loss + penalty
         return loss, logs
