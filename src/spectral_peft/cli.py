@@ -185,7 +185,8 @@ def _option_message(text: str, command: str | None) -> str:
     return f"{msg}; see spectral-peft {command} --help" if command else msg
 
 
-def export(adapter: str, out: str, model: str = "organism", max_rank: int | None = None) -> None:
+def export(adapter: str, out: str, model: str = "organism", max_rank: int | None = None, device: str = "auto",
+           dtype: str = "auto", split_expert: bool = False) -> None:
     """Export an adapter as a standard PEFT LoRA that vanilla peft loads (exact unless max_rank truncates).
 
     The adapter's weights must be whole and finite, and the export is written beside ``out`` and published only
@@ -196,11 +197,16 @@ def export(adapter: str, out: str, model: str = "organism", max_rank: int | None
         out: where to write the PEFT LoRA directory (must not exist).
         model: the base model the adapter was trained on ("organism", a checkpoint directory or a hub id).
         max_rank: truncate each update to this rank (the error is reported).
+        device: where the base model is loaded: auto (CUDA when available), cpu, cuda or cuda:N.
+        dtype: the base model's dtype: auto (the checkpoint's own), float32, bfloat16 or float16.
+        split_expert: for PALoRA and SVF, the vLLM-ready split: OUT/base, a Hugging Face checkpoint (tokenizer
+            included) with the SVF expert folded in, and OUT/lora, a rank-r PEFT LoRA of PALoRA's knowledge update
+            against it (SVF writes no LoRA).
     """
     from pathlib import Path
 
-    from .export import export_lora
-    from .loading import check_model_name, load_model
+    from .export import SPLIT_METHODS, export_lora
+    from .loading import check_device, check_dtype, check_model_name, load_model
     from .model import load_adapter
     from .runs import RunDir
     from .validation import check_adapter, check_at_least
@@ -212,17 +218,28 @@ def export(adapter: str, out: str, model: str = "organism", max_rank: int | None
     config = check_adapter(adapter)  # whole and finite: fail in one line before the model loads
     if "peft_type" in config:
         raise InputError(f"{adapter} is already a PEFT adapter ({config['peft_type']}); vanilla peft loads it as is")
+    if split_expert and config.get("method") not in SPLIT_METHODS:
+        raise InputError(f"--split-expert needs an adapter with an SVF expert ({', '.join(SPLIT_METHODS)}), "
+                         f"{adapter} is {config.get('method')!r}; export it without --split-expert")
     check_model_name(model)
+    check_device(device)
+    check_dtype(dtype)
     run = RunDir(out, "export")
     try:
-        base, _ = load_model(model)
-        errors = export_lora(load_adapter(base, Path(adapter).expanduser(), progress=False), run.path,
-                             max_rank=max_rank)
+        base, tokenizer = load_model(model, device=device, dtype=dtype)
+        result = export_lora(load_adapter(base, Path(adapter).expanduser(), progress=False), run.path,
+                             max_rank=max_rank, split_expert=split_expert, tokenizer=tokenizer)
     except BaseException:
         run.abandon(keep_work=False)  # nothing to resume
         raise
     run.finish()
-    print(f"wrote {out}: {len(errors)} modules, largest relative error {max(errors.values(), default=0.0):.2e}")
+    if not split_expert:
+        print(f"wrote {out}: {len(result)} modules, largest relative error {max(result.values(), default=0.0):.2e}")
+    elif result.lora is None:
+        print(f"wrote {out}/base: the base with the SVF expert folded in (no LoRA: the expert is the whole update)")
+    else:
+        print(f"wrote {out}/base (the base with the expert folded in) and {out}/lora: {len(result.errors)} modules, "
+              f"largest relative error {max(result.errors.values(), default=0.0):.2e}")
 
 
 def pretrain_organism(out: str = "runs/organism", seed: int = 0, steps: int = 1300, threads: int = 2,
@@ -281,6 +298,7 @@ def run_tool(name: str, argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     fn = {"export": export, "pretrain-organism": pretrain_organism, "install-organism": install_organism}[name]
+    argv = _normalise(argv)  # --split-expert -> --split_expert
     bare = {f"--{k}" for k, v in typing.get_type_hints(fn).items() if v is bool}  # a bare boolean flag means true
     argv = [f"{a}=true" if a in bare and argv[i + 1:i + 2] not in (["true"], ["false"]) else a
             for i, a in enumerate(argv)]
@@ -290,7 +308,7 @@ def run_tool(name: str, argv: list[str]) -> int:
                                 exit_on_error=False, formatter_class=_help_formatter())
         parser.add_argument("--debug", action="store_true", help="Show the traceback of an unexpected error.")
         parser.add_function_arguments(fn, as_group=False)
-        ns = parser.parse_args(_normalise(argv))
+        ns = parser.parse_args(argv)
         ns.pop("debug", None)
         fn(**ns.as_dict())
     except SystemExit:
