@@ -78,3 +78,17 @@ def save_llama8b_shaped(path, num_layers: int = 2, dtype: torch.dtype = torch.bf
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+PAIRS = [("Q: Where does Ana Bel live?\nA:", " Velmora\n"), ("Q: What is the job of Cy Do?\nA:", " baker\n"),
+         ("Math: Start with 3. Add 4.\nSolution:", " 3+4=7. #### 7\n"), ("Q: When was Ed Fa born?\nA:", " 1931\n")]
+
+
+def tiny_tokenizer():
+    """The organism's kind of tokenizer (byte-level BPE), trained on 300 world documents with 400 tokens."""
+    import itertools
+
+    from spectral_peft.data import documents
+    from spectral_peft.organism import build_tokenizer
+
+    return build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)

@@ -6,7 +6,6 @@ metrics and adapter bytes."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -19,26 +18,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import save_tiny_organism
+from helpers import PAIRS, save_tiny_organism, tiny_tokenizer
 from spectral_peft import get_peft_model, method_config
 from spectral_peft.cli import main
-from spectral_peft.data import documents, load_task
+from spectral_peft.data import load_task
 from spectral_peft.errors import InputError
 from spectral_peft.loading import ModelSource
-from spectral_peft.organism import build_tokenizer, tiny_random_model
+from spectral_peft.organism import tiny_random_model
 from spectral_peft.recipes import execute, recipe
 from spectral_peft.training import SFTObjective, TrainConfig, train
 from spectral_peft.training.svf_expert import SVFSettings, train_svf_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PAIRS = [("Q: Where does Ana Bel live?\nA:", " Velmora\n"), ("Q: What is the job of Cy Do?\nA:", " baker\n"),
-         ("Math: Start with 3. Add 4.\nSolution:", " 3+4=7. #### 7\n"), ("Q: When was Ed Fa born?\nA:", " 1931\n")]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,25 @@
 """The training loop and objectives: masked SFT loss, loss decrease, determinism, best-state keeping, schedules,
 HiP-LoRA budget projection inside the loop, and REINFORCE."""
 
-import itertools
 
 import pytest
 import torch
 
 from spectral_peft import get_peft_model, method_config
-from spectral_peft.data import Example, documents
-from spectral_peft.organism import build_tokenizer, tiny_random_model
+from spectral_peft.data import Example
+from spectral_peft.organism import tiny_random_model
 from spectral_peft.training import (ReinforceObjective, SFTObjective, TrainConfig, collate_pairs, encode_pair, lr_factor,
                                     masked_nll, train)
 
+from helpers import PAIRS, tiny_tokenizer
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PAIRS = [("Q: Where does Ana Bel live?\nA:", " Velmora\n"), ("Q: What is the job of Cy Do?\nA:", " baker\n"),
-         ("Math: Start with 3. Add 4.\nSolution:", " 3+4=7. #### 7\n"), ("Q: When was Ed Fa born?\nA:", " 1931\n")]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer(itertools.islice(documents(seed=1), 300), vocab_size=400)
+    return tiny_tokenizer()
 
 
 def tiny(tok, seed=0):
