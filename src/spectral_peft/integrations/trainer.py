@@ -42,11 +42,9 @@ class SpectralTrainerMixin:
         wrapped = self._spectral()
         if wrapped is None:
             return super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return None
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        wrapped.save_pretrained(output_dir)
-        if self.processing_class is not None:
+        wrapped.save_pretrained(output_dir, is_main_process=self.args.should_save)  # every rank gathers (FSDP2)
+        if self.args.should_save and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         return None
 

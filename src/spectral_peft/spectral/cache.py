@@ -23,19 +23,30 @@ On load an entry is used only if (cheapest first):
 
 The check costs ``O(mn)`` (six matrix-vector products and one fp32 copy of ``W``) against ``O(mn min(m, n))`` for
 the SVD. An entry that fails is never used and never raised: it is rebuilt with a one-line :class:`SVDCacheWarning`
-naming the file and the reason. Files are written to a temporary name and renamed into place, so concurrent builders
-never leave a torn file. The checks catch corruption and misplaced entries, not a deliberate forgery: whoever can
-write the cache directory can also write a consistent entry.
+naming the file and the reason. The checks catch corruption and misplaced entries, not a deliberate forgery: whoever
+can write the cache directory can also write a consistent entry.
+
+Several processes (the ranks of a ``torchrun`` job, or jobs sharing a cache) compute each entry once: a process that
+finds no usable entry takes an exclusive ``fcntl.flock`` on the entry's lock file ``<entry name>.lock`` (empty,
+removed again by its holder), looks again, and only then computes and writes; the others wait on the lock and then
+read the entry. Locks are per entry, so different matrices are built in parallel, and the kernel releases a lock
+when its holder dies. Where ``fcntl`` does not exist (Windows) there is no lock, and concurrent processes may compute
+an entry more than once. Files are written to a temporary name and renamed into place, so no reader ever sees a
+torn file. Files (entries and lock files) are created with mode ``0o666`` and directories with ``0o777``, less the
+process's umask, like any file the process creates: ``0o644`` / ``0o755`` (readable by group and others) under the
+usual umask ``022``, ``0o640`` under ``027``, private under ``077``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
+import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +55,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .svd import SVD, check_request, svd_full, svd_topk
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (module docstring)
+    fcntl = None
 
 FORMAT = "spectral-peft-svd"
 VERSION = "1"
@@ -73,16 +89,56 @@ def entry_metadata(digest: str, shape: tuple[int, ...], method: str, k: int | No
             "method": method, "k": "full" if k is None else str(k)}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+def save_tensors_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, path: Path) -> None:
+    """Write a safetensors file to a fresh temporary name beside ``path``, then rename it into place. Its mode is
+    that of a file newly created with ``0o666`` (the umask applied): ``save_file`` itself leaves ``0o600``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file ``<path>.lock`` inside the block (waiting for it); a no-op
+    without ``fcntl``.
+
+    The holder removes the lock file before releasing it, so none is left behind. A waiter that then acquires the
+    removed file sees that the name no longer points to it and starts over on the current one: at any time only the
+    holder of the file the name points to is inside the block."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f"{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(fd, lock):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # a lock file left behind (e.g. no permission to remove it) is harmless
+            lock.unlink()
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _read(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -144,14 +200,28 @@ def check_reconstruction(weight: torch.Tensor, svd: SVD, method: str) -> None:
                                "the SVD of another matrix")
 
 
+def _verified(path: Path, metadata: dict[str, str], weight: torch.Tensor, k: int | None, method: str) -> SVD:
+    """The entry at ``path`` after checks 1-4; raises :class:`InvalidEntry` saying why it is unusable."""
+    svd = _check_tensors(_read(path, metadata), tuple(weight.shape), k)
+    check_reconstruction(weight, svd, method)
+    return svd
+
+
 def _compute(weight: torch.Tensor, k: int | None, method: str) -> SVD:
     return svd_full(weight) if k is None else svd_topk(weight, k, method=method)
 
 
+CACHE_ENV = "SPECTRAL_PEFT_SVD_CACHE"
+
+
 class SVDCache:
-    """Computes SVDs on demand and memoises them on disk (``root=None`` keeps nothing on disk; ``~`` is expanded)."""
+    """Computes SVDs on demand and memoises them on disk under ``root`` (``~`` is expanded). ``root=None`` takes the
+    directory named by the environment variable ``SPECTRAL_PEFT_SVD_CACHE`` and, when it is unset, keeps nothing on
+    disk; so every command of a chain (``svf``, ``inject``, ``eval`` ...) can share one cache, as ``HF_HOME`` shares
+    downloads."""
 
     def __init__(self, root: str | Path | None = None):
+        root = root if root is not None else os.environ.get(CACHE_ENV) or None
         self.root = Path(root).expanduser() if root is not None else None
 
     def path(self, digest: str, method: str, k: int | None) -> Path | None:
@@ -176,17 +246,21 @@ class SVDCache:
         return self._load_or_build(weight, k, method, digest, path)
 
     def _load_or_build(self, weight: torch.Tensor, k: int | None, method: str, digest: str, path: Path) -> SVD:
+        """A verified entry if there is one; else, holding the entry's lock, one found after waiting for it or one
+        computed and written (module docstring)."""
         metadata = entry_metadata(digest, tuple(weight.shape), method, k)
         if path.exists():
-            try:
-                svd = _check_tensors(_read(path, metadata), tuple(weight.shape), k)
-                check_reconstruction(weight, svd, method)
-                return svd
-            except InvalidEntry as e:
-                warnings.warn(f"SVD cache entry {path} is unusable ({e}); rebuilding it", SVDCacheWarning,
-                              stacklevel=3)
-        svd = _compute(weight, k, method)
-        _atomic_save({"U": svd.U, "S": svd.S, "V": svd.V}, metadata, path)
+            with contextlib.suppress(InvalidEntry):
+                return _verified(path, metadata, weight, k, method)
+        with entry_lock(path):
+            if path.exists():
+                try:
+                    return _verified(path, metadata, weight, k, method)
+                except InvalidEntry as e:
+                    warnings.warn(f"SVD cache entry {path} is unusable ({e}); rebuilding it", SVDCacheWarning,
+                                  stacklevel=3)
+            svd = _compute(weight, k, method)
+            save_tensors_atomically({"U": svd.U, "S": svd.S, "V": svd.V}, metadata, path)
         return svd
 
     def get_many(
