@@ -9,7 +9,10 @@ from helpers import ARCHS, tiny_model
 from spectral_peft import Probe, attach_budget_projection, get_peft_model, method_config
 from spectral_peft.adapters.hiplora import HiPLoRALayer, weighted_ball_projection
 from spectral_peft.adapters.palora import PALoRALayer
+from spectral_peft.adapters.svf_fold import fold_expert
+from spectral_peft.adapters.matrices import matrix_weights
 from spectral_peft.adapters.svft import sparsity_pattern
+from spectral_peft.errors import InputError
 from spectral_peft.probe import select_indices
 from spectral_peft.spectral import svd_full
 
@@ -56,16 +59,12 @@ def test_identity_at_init(method, arch, dtype, input_ids):
     with torch.no_grad():
         ref = model(input_ids).logits.float()
     config = config_for(method, arch, dtype)
+    if method == "palora":  # PALoRA starts from the SVF expert, not from the base
+        with torch.no_grad():
+            ref = fold_expert(tiny_model(arch, dtype), config.probe)(input_ids).logits.float()
     wrapped = get_peft_model(model, config, progress=False)
     with torch.no_grad():
         out = wrapped(input_ids=input_ids).logits.float()
-    if method == "palora":  # PALoRA starts from the SVF expert, not from the base
-        with torch.no_grad():
-            for layer in wrapped.spectral_layers().values():
-                if isinstance(layer, PALoRALayer):
-                    layer.expert_scale.fill_(1.0)
-                    layer.expert_weight.copy_(layer.base_layer.weight)
-            out = wrapped(input_ids=input_ids).logits.float()
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     assert (out - ref).abs().max() <= tol * max(1.0, ref.abs().max())
 
@@ -83,9 +82,10 @@ def orthogonality(layer, U_S, V_S):
 def test_update_orthogonal_to_protected_directions_after_training(method, dtype, input_ids):
     model = tiny_model("llama", dtype)
     wrapped = train(get_peft_model(model, config_for(method, "llama", dtype), progress=False), input_ids)
+    base = matrix_weights(tiny_model("llama", dtype), list(wrapped.spectral_layers()))  # PALoRA's W holds W_e now
     checked = 0
-    for layer in wrapped.spectral_layers().values():
-        svd = svd_full(layer.base_layer.weight)
+    for name, layer in wrapped.spectral_layers().items():
+        svd = svd_full(base[name])
         if method == "oplora":
             U_S, V_S = svd.U[:, :4], svd.V[:, :4]
         elif isinstance(layer, PALoRALayer):
@@ -100,12 +100,15 @@ def test_update_orthogonal_to_protected_directions_after_training(method, dtype,
 
 def test_palora_keeps_protected_expert_triplets_exactly(input_ids):
     wrapped = train(get_peft_model(tiny_model(), config_for("palora"), progress=False), input_ids)
-    for layer in wrapped.spectral_layers().values():
-        W_total = layer.base_layer.weight + layer.delta_weight()
+    base = matrix_weights(tiny_model(), list(wrapped.spectral_layers()))
+    for name, layer in wrapped.spectral_layers().items():
+        W_total = base[name] + layer.delta_weight()
+        assert torch.allclose(W_total, layer.weight + layer.live_delta_weight(), atol=1e-6)
+        svd = svd_full(base[name])
         idx = layer.protected_index
-        expert_sigma = layer.S[idx] * layer.expert_scale[idx]
+        expert_sigma = svd.S[idx] * layer.expert_scale[idx]
         # W_total v_i = sigma_i z_i u_i for every protected i
-        assert torch.allclose(W_total @ layer.V[:, idx], layer.U[:, idx] * expert_sigma, atol=1e-5)
+        assert torch.allclose(W_total @ svd.V[:, idx], svd.U[:, idx] * expert_sigma, atol=1e-5)
 
 
 def test_palora_soft_variant_shrinks_by_score(input_ids):
@@ -117,8 +120,10 @@ def test_palora_soft_variant_shrinks_by_score(input_ids):
     w = d / d.max()
     B, _ = layer.lora.projected_factors()
     # U^T (P_L B) = (1 - w) * U^T B: the component along u_i keeps a fraction 1 - w_i.
-    assert torch.allclose(layer.U.T @ B, (1 - w)[:, None] * (layer.U.T @ layer.lora.lora_B), atol=1e-5)
-    assert float((layer.U[:, d.argmax()] @ B).abs().max()) < 1e-5
+    U = layer.lora.U_S  # the soft variant keeps every direction
+    assert U.shape[1] == min(layer.shape)
+    assert torch.allclose(U.T @ B, (1 - w)[:, None] * (U.T @ layer.lora.lora_B), atol=1e-5)
+    assert float((U[:, d.argmax()] @ B).detach().abs().max()) < 1e-5
 
 
 def max_principal_angle(U1, U2):
@@ -376,14 +381,49 @@ def test_svft_diagonal_fast_path_equals_dense_core():
     assert torch.allclose(layer.delta(x), ((x @ layer.V) @ layer.core().T) @ layer.U.T, atol=1e-5)
 
 
-def test_palora_factorised_equals_fold(input_ids):
+def test_palora_folds_its_expert_in_place_and_restores_the_base_bit_for_bit(input_ids, tmp_path):
+    """The expert lives in the weight itself (no copy, no full U/V), and unload, disable and unmerge are exact."""
     probe = make_probe()
-    outs = []
-    for mode in ("fold", "factorised"):
-        torch.manual_seed(0)
-        wrapped = get_peft_model(tiny_model(), method_config("palora", probe=probe, expert_mode=mode), progress=False)
-        with torch.no_grad():
-            for layer in wrapped.spectral_layers().values():
-                layer.lora.lora_B.normal_()
-        outs.append(wrapped(input_ids=input_ids).logits)
-    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ref_base = model(input_ids).logits
+        ref_expert = fold_expert(tiny_model(), probe)(input_ids).logits
+    wrapped = get_peft_model(model, method_config("palora", probe=probe, rho=0.25), svd_cache=tmp_path,
+                             progress=False)
+    layers = [layer for layer in wrapped.spectral_layers().values() if isinstance(layer, PALoRALayer)]
+    assert layers and all(set(layer.derived_tensors()) == set() for layer in layers)
+    for layer in layers:
+        r0 = min(layer.shape)
+        assert layer.lora.U_S.shape[1] == layer.protected_index.numel() < r0  # only U_S, V_S are kept
+        assert wrapped.base_weights[next(n for n, lay in wrapped.spectral_layers().items() if lay is layer)][
+            "expert_hash"] == layer.expert_digest != layer.base_digest
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora.lora_B.normal_()
+        adapted = wrapped(input_ids=input_ids).logits
+        with wrapped.disable_adapter():
+            assert torch.equal(wrapped(input_ids=input_ids).logits, ref_base)
+        assert torch.equal(wrapped(input_ids=input_ids).logits, adapted)
+        for layer in layers:
+            layer.lora.lora_B.zero_()
+        assert torch.allclose(wrapped(input_ids=input_ids).logits, ref_expert, atol=1e-6)
+        for layer in layers:
+            layer.lora.lora_B.normal_()
+        expert_weights = [layer.weight.clone() for layer in layers]
+        for layer in layers:
+            layer.merge()
+            layer.unmerge()
+        assert all(torch.equal(layer.weight, W) for layer, W in zip(layers, expert_weights))
+    plain = wrapped.unload()
+    assert all(torch.equal(p, before[n]) for n, p in plain.named_parameters())
+
+
+def test_palora_refuses_a_checkpoint_of_another_expert(tmp_path):
+    wrapped = get_peft_model(tiny_model(), method_config("palora", probe=make_probe(seed=0), rho=0.25), progress=False)
+    wrapped.save_pretrained(tmp_path / "a")
+    other = get_peft_model(tiny_model(), method_config("palora", probe=make_probe(seed=1), rho=0.25), progress=False)
+    with pytest.raises(InputError, match="differs from the expert folded"):
+        other.load_adapter_weights(tmp_path / "a")
+
+

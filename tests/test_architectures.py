@@ -132,9 +132,12 @@ def stored_matrix(layer) -> torch.Tensor:
 
 def check_orthogonal(method: str, wrapped) -> None:
     """The trained update of OPLoRA, PALoRA and HiP-LoRA's residual channel avoids the protected singular
-    directions of each matrix, computed afresh from its stored weight."""
+    directions of each matrix, computed afresh from its stored weight (the base's: PALoRA's stored weight holds its
+    expert, and disabling the adapter puts the base back)."""
+    with wrapped.disable_adapter():
+        svds = {name: svd_full(stored_matrix(layer)) for name, layer in wrapped.spectral_layers().items()}
     for name, layer in wrapped.spectral_layers().items():
-        svd = svd_full(stored_matrix(layer))
+        svd = svds[name]
         if method == "palora":
             if not isinstance(layer, PALoRALayer):
                 continue

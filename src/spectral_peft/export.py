@@ -21,7 +21,7 @@ The recorded ``task_type`` is the wrapped model's own (``None`` when transformer
 The vLLM-ready split (``split_expert=True``, PALoRA and SVF): a serving engine caps the LoRA rank (vLLM at 512), and
 PALoRA's full update ``U diag(sigma (z - 1)) V^T + s P_L B A P_R`` has rank ``r0 + r``. The split writes
 ``base/``, a Hugging Face checkpoint whose probed matrices are ``W_e = W + U diag(sigma (z - 1)) V^T`` (the expert,
-computed in fp32 and cast to the weight's dtype, exactly as PALoRA's folded ``expert_weight``), and ``lora/``, a PEFT
+computed in fp32 and cast to the weight's dtype: PALoRA's weights already hold it, folded in place), and ``lora/``, a PEFT
 LoRA of the knowledge update ``dW_k = s P_L B A P_R`` alone, rank ``r``, against that base. An SVF update is all
 expert: ``base/`` holds ``W + U diag(sigma (z - 1)) V^T`` and no LoRA is written.
 """
@@ -42,7 +42,6 @@ from safetensors.torch import save_file
 
 from .adapters.base import SpectralLayer
 from .adapters.matrices import stack_names
-from .adapters.palora import PALoRALayer
 from .adapters.svf import SVFLayer
 from .errors import InputError
 from .model import SpectralPeftModel, task_type
@@ -130,6 +129,8 @@ def export_lora(model: SpectralPeftModel, path: str | Path, max_rank: int | None
     if split_expert and method not in SPLIT_METHODS:
         raise InputError(f"split_expert needs an adapter with an SVF expert ({', '.join(SPLIT_METHODS)}), got "
                          f"{method!r}; export it without split_expert")
+    if any(layer.merged or layer.disabled for layer in model.spectral_layers().values()):
+        raise InputError("export an active adapter: unmerge it, or leave the disable_adapter() block, first")
     kinds = model.adapted_counts()
     if "conv1d" in kinds and "expert" in kinds and not (split_expert and method == "svf"):
         raise InputError("cannot export Conv1D and expert matrices together (PEFT's expert-stack LoRA refuses "
@@ -146,12 +147,9 @@ def export_lora(model: SpectralPeftModel, path: str | Path, max_rank: int | None
 
 
 def _expert_delta(layer: SpectralLayer) -> torch.Tensor | None:
-    """The layer's SVF expert ``U diag(sigma (z - 1)) V^T`` (fp32), or ``None`` for a layer without one."""
-    if isinstance(layer, PALoRALayer):
-        return layer.expert_delta_weight()
-    if isinstance(layer, SVFLayer):
-        return layer.delta_weight()
-    return None
+    """The SVF expert ``U diag(sigma (z - 1)) V^T`` (fp32) that the layer's stored weight does not hold yet, or
+    ``None`` (no expert, or PALoRA's, which is folded into the weight in place)."""
+    return layer.delta_weight() if isinstance(layer, SVFLayer) else None
 
 
 @torch.no_grad()

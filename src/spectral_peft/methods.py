@@ -19,7 +19,8 @@ Keys (each recorded in :class:`MethodSpec`):
 | lr | lr | a learning rate for this method only (e.g. SVFT's own 5e-2) |
 
 Given a probe (an SVF expert), every method starts from the same function: PALoRA applies the expert inside its
-layers; every other method is applied to the weights with the expert folded in (:func:`spectral_peft.probe.fold_expert`).
+layers; every other method is applied to the weights with the expert folded in
+(:func:`spectral_peft.adapters.svf_fold.fold_expert`).
 
 Matched budgets: HiP-LoRA(r, k) trains ``r (m + n) + k`` parameters per ``m x n`` matrix and LoRA(r') trains
 ``r' (m + n)``; :func:`match_budgets` gives each LoRA-family spec without an explicit ``r`` the rank whose count is
@@ -37,7 +38,8 @@ from torch import nn
 
 from .adapters import method_config
 from .adapters.targets import select
-from .probe import Probe, fold_expert
+from .adapters.svf_fold import fold_expert
+from .probe import Probe
 from .errors import InputError
 
 METHODS = ("lora", "dora", "pissa", "corda", "milora", "oplora", "svft", "hiplora", "palora")

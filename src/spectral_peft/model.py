@@ -8,7 +8,9 @@ with the rules ``mlp`` and ``all-linear`` resolved the same way (expert stacks a
 PEFT supports for plain LoRA only). An adapter directory holds ``adapter_config.json`` (the config, plus the shape
 and content hash of every matrix it adapts) and ``adapter_model.safetensors`` (trainable tensors and small method
 state). Singular vectors are never saved: they are recomputed from the base weights or read from the SVD cache, and
-the recorded hashes guarantee they are the same.
+the recorded hashes guarantee they are the same. A layer that overwrites its weight in place (PALoRA folds its expert)
+stashes the original on disk (:mod:`.spectral.stash`, beside the SVD cache or in a private temporary directory), and
+the config records the folded weight's hash too (``expert_hash``); ``unload`` puts the original back bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from peft import PeftConfig, PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,25 +33,26 @@ from .adapters import CONFIG_CLASSES, AdapterConfig, HiPLoRALayer, SpectralLayer
 from .adapters.base import TARGET_RULES
 from .adapters.experts import ExpertMatrix, ExpertsLayer
 from .adapters.matrices import KINDS, Matrix, find_matrices, matrix_weights
-from .adapters.palora import PALoRAConfig
 from .adapters.targets import Selection, listing, select
 from .errors import InputError, MissingInputError
 from .spectral import SVDCache, weight_hash
+from .spectral.cache import save_tensors_atomically
+from .spectral.stash import WeightStash
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def select_targets(model: nn.Module, config: AdapterConfig) -> Selection:
-    """The matrices ``config`` adapts (:func:`.adapters.targets.select`, then PALoRA's ``uncovered="skip"``).
+    """The matrices ``config`` adapts (:func:`.adapters.targets.select`, then the config's own
+    :meth:`~.adapters.AdapterConfig.refusal`, e.g. PALoRA's ``uncovered="skip"``).
 
     Raises a one-line :class:`InputError` when nothing is left, naming why (e.g. every matrix is smaller than ``r``).
     """
     selection = select(model, config.target_modules, config.exclude_modules, config.rank_need())
-    if isinstance(config, PALoRAConfig):
-        skipped = [m for m in selection.matrices if not config.accepts(m.name)]
-        selection.left_out.update({m.name: "not in the probe, uncovered='skip'" for m in skipped})
-        selection.matrices = [m for m in selection.matrices if config.accepts(m.name)]
+    refused = {m.name: why for m in selection.matrices if (why := config.refusal(m.name)) is not None}
+    selection.left_out.update(refused)
+    selection.matrices = [m for m in selection.matrices if m.name not in refused]
     if not selection.matrices:
         if selection.left_out and isinstance(config.target_modules, str):
             raise InputError(f"no matrix fits {config.method}: {config.need_text()} is larger than min(m, n) of every "
@@ -204,12 +207,12 @@ class SpectralPeftModel(nn.Module):
         """Run the base model alone inside the block."""
         layers = list(self.spectral_layers().values())
         for layer in layers:
-            layer.disabled = True
+            layer.set_disabled(True)
         try:
             yield
         finally:
             for layer in layers:
-                layer.disabled = False
+                layer.set_disabled(False)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, the adapter's included."""
@@ -221,18 +224,28 @@ class SpectralPeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's saved tensors (trainable parameters and persistent method state), keyed by module."""
+        """The adapter's saved tensors (trainable parameters and persistent method state), keyed by module, whole
+        and on the CPU. A tensor FSDP2 (``fully_shard``) has sharded is a ``DTensor``; it is gathered with
+        ``full_tensor()``, a collective: under FSDP2 every rank must call this, in the same order."""
         state = {}
         for name, layer in self.spectral_layers().items():
             for key, value in layer.state_dict().items():
                 if not key.startswith("base_layer."):
-                    state[f"{name}.{key}"] = value.detach().contiguous().cpu()
+                    state[f"{name}.{key}"] = budget.whole(value).detach().contiguous().cpu()
         return state
 
-    def save_pretrained(self, path: str | Path, is_main_process: bool = True, **_: Any) -> None:
+    def save_pretrained(self, path: str | Path, is_main_process: bool | None = None, **_: Any) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically) into ``path``: the
         adapter only, never the LM's weights. Keywords the Trainer and accelerate pass (``state_dict``,
-        ``safe_serialization``) are ignored; ``is_main_process=False`` writes nothing."""
+        ``safe_serialization``) are ignored.
+
+        Under ``torchrun`` every rank calls this: the tensors are gathered first (:meth:`adapter_state_dict`, a
+        collective when FSDP2 shards them), then only the main process writes. ``is_main_process``: whether this
+        process writes; ``None`` means rank 0 when ``torch.distributed`` is initialised, else ``True``."""
+        if is_main_process is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            is_main_process = not distributed or torch.distributed.get_rank() == 0
+        state = self.adapter_state_dict()
         if not is_main_process:
             return
         path = Path(path)
@@ -240,11 +253,10 @@ class SpectralPeftModel(nn.Module):
         name_or_path = getattr(getattr(self.lm, "config", None), "_name_or_path", None)
         config = {"spectral_peft_version": __version__, **self.peft_config.to_dict(),
                   "base_model_name_or_path": name_or_path, "base_weights": self.base_weights}
-        tmp_w, tmp_c = path / (ADAPTER_WEIGHTS + ".tmp"), path / (ADAPTER_CONFIG + ".tmp")
-        save_file(self.adapter_state_dict(), str(tmp_w))
-        tmp_c.write_text(json.dumps(config, indent=2, default=str))
-        os.replace(tmp_w, path / ADAPTER_WEIGHTS)
-        os.replace(tmp_c, path / ADAPTER_CONFIG)
+        save_tensors_atomically(state, None, path / ADAPTER_WEIGHTS)  # mode 0o666 less the umask, like the config
+        tmp = path / (ADAPTER_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2, default=str))
+        os.replace(tmp, path / ADAPTER_CONFIG)
 
     def load_adapter_weights(self, path: str | Path, is_trainable: bool = True) -> None:
         """Load the tensors of a saved adapter of the same method and matrices into this model (in place), e.g. a
@@ -256,9 +268,11 @@ class SpectralPeftModel(nn.Module):
         load_layer_states(self, load_file(str(Path(path) / ADAPTER_WEIGHTS)), path, is_trainable)
 
     def _restore(self, merge: bool) -> nn.Module:
-        if merge:
-            for layer in self.spectral_layers().values():
+        for layer in self.spectral_layers().values():
+            if merge:
                 layer.merge()
+            else:
+                layer.release()
         for name, host in self.hosts().items():
             self.lm.set_submodule(name, host.base_layer)
         for handle in self._hook_handles:
@@ -314,14 +328,14 @@ def _wrap(model: nn.Module, config: AdapterConfig, matrices: list[Matrix], svd_c
           left_out: dict[str, str] | None = None) -> SpectralPeftModel:
     for m in matrices:
         config.check_shape(m.name, m.shape)
-    if isinstance(config, PALoRAConfig):
-        config.probe.check_base(model)
+    config.check_model(model)
     names = [m.name for m in matrices]
     base = base_identity(model, names)
     weights = matrix_weights(model, names)
     modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
+    stash = WeightStash(svd_cache.root)
     experts: dict[str, dict[str, dict[int, SpectralLayer]]] = {}
     for m in tqdm(matrices, desc=f"{config.method}: SVD", unit="matrix", disable=not progress):
         W = weights[m.name]
@@ -329,6 +343,9 @@ def _wrap(model: nn.Module, config: AdapterConfig, matrices: list[Matrix], svd_c
                             digest=base[m.name]["hash"])
         base_layer = ExpertMatrix(modules[m.module], m.param, m.expert) if m.kind == "expert" else modules[m.name]
         layer = config.make_layer(m.name, base_layer, svd.to(W.device)).to(W.device)
+        layer.bind_base(base[m.name]["hash"], stash)
+        if layer.expert_digest is not None:  # the layer folded part of its update into W: record W's new identity
+            base[m.name]["expert_hash"] = layer.expert_digest
         if m.kind == "expert":
             experts.setdefault(m.module, {}).setdefault(m.param, {})[m.expert] = layer
         else:
@@ -380,7 +397,8 @@ def get_peft_model(
 ):
     """Wrap ``model`` with the adapter ``config`` describes.
 
-    ``svd_cache``: an :class:`SVDCache` or a directory for one (``None`` keeps SVDs in memory only).
+    ``svd_cache``: an :class:`SVDCache` or a directory for one (``None``: the directory in the environment variable
+    ``SPECTRAL_PEFT_SVD_CACHE``, else SVDs stay in memory). PALoRA stashes the weights it folds into beside it.
     ``calibration``: for CorDA, a callable that runs the model on calibration data (PEFT's ``run_model``).
     """
     if isinstance(config, PeftConfig):

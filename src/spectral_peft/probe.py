@@ -6,7 +6,8 @@ Protected index sets are chosen from the scores by one rule:
 - ``threshold``: ``d_i > tau``;
 - ``mass``: the smallest set holding a fraction ``q`` of ``sum_i d_i``.
 A probe directory holds ``probe_config.json`` and ``probe.safetensors``; it records the identity (shape and content
-hash) of the base weights it was trained on, and refuses other weights. Matrices are named and read as the adapters
+hash) of the base weights it was trained on, and refuses other weights. It imports nothing of the adapters or the
+wrapper (which depend on it). Matrices are named and read as the adapters
 name and read them (:mod:`.adapters.matrices`): linear, Conv1D (its ``out x in`` view) and single experts of 3-D MoE
 stacks (``module.param.e``).
 """
@@ -70,22 +71,13 @@ class Probe:
     def num_parameters(self) -> int:
         return sum(z.numel() for z in self.scales.values())
 
-    def check_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The probed matrices' ``m x n`` views, after checking that ``model`` (plain or wrapped) holds exactly the
-        weights this probe was trained on; raises a one-line :class:`InputError` otherwise."""
-        from .adapters.matrices import matrix_weights
-        from .model import SpectralPeftModel
-
-        root = model.base_model if isinstance(model, SpectralPeftModel) else model
-        try:
-            weights = matrix_weights(root, list(self.base))
-        except KeyError as e:
-            raise InputError(f"probe module(s) {e.args[0]} are not in the model; use a probe trained on it") from None
+    def check_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Check that ``weights`` (``{name: m x n view}``, every probed matrix) are exactly the weights this probe was
+        trained on (shape and content hash); raise a one-line :class:`InputError` otherwise."""
         for name, ident in self.base.items():
             W = weights[name]
             if list(W.shape) != list(ident["shape"]) or weight_hash(W) != ident["hash"]:
                 raise InputError(f"probe was trained on other weights than the model's {name!r} (hash mismatch)")
-        return weights
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -107,39 +99,15 @@ class Probe:
 
     @classmethod
     def from_model(cls, model: nn.Module, meta: dict[str, Any] | None = None) -> "Probe":
-        """Freeze the effective scales of every SVF layer of a model wrapped by ``get_peft_model``."""
-        from .adapters.svf import SVFLayer
-        from .model import SpectralPeftModel
-
-        if not isinstance(model, SpectralPeftModel):
+        """Freeze the effective scales ``z`` (each layer's ``scale()``) of a model wrapped with method ``svf``."""
+        config = getattr(model, "peft_config", None)
+        if getattr(config, "method", None) != "svf" or not hasattr(model, "spectral_layers"):
             raise InputError(f"Probe.from_model takes a model wrapped with method svf, got {type(model).__name__}")
         scales, base = {}, {}
         for name, layer in model.spectral_layers().items():
-            if isinstance(layer, SVFLayer):
-                scales[name] = layer.scale().detach().float().cpu()
-                base[name] = {"shape": list(layer.weight.shape), "hash": weight_hash(layer.weight)}
-        if not scales:
-            raise InputError("the model has no SVF layers to make a probe from; wrap it with method svf")
+            scales[name] = layer.scale().detach().float().cpu()
+            base[name] = {"shape": list(layer.weight.shape), "hash": weight_hash(layer.weight)}
         return cls(scales=scales, base=base, meta=dict(meta or {}))
-
-
-@torch.no_grad()
-def fold_expert(model: nn.Module, probe: Probe, svd_cache=None) -> nn.Module:
-    """Write the SVF expert ``W_e = W + U diag(sigma (z - 1)) V^T`` into every probed matrix of ``model`` (in place).
-
-    The probe must have been trained on exactly these weights (checked by hash). The SVD is the one the SVF and
-    PALoRA layers use (the spectral cache), so ``W_e`` equals PALoRA's folded expert weight.
-    """
-    from .spectral import SVDCache
-
-    weights = probe.check_base(model)
-    cache = svd_cache or SVDCache(None)
-    for name, z in probe.scales.items():
-        W = weights[name]
-        svd = cache.get(W, k=None)
-        dW = (svd.U.float() * (svd.S.float() * (z.float().to(W.device) - 1.0))) @ svd.V.float().T
-        W.copy_((W.float() + dW).to(W.dtype))
-    return model
 
 
 def load_probe(path: str | Path) -> Probe:

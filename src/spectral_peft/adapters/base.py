@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..spectral import SVD
+from ..spectral.stash import WeightStash
 from .derived import DerivedState
 from .experts import ExpertMatrix
 from .matrices import layer_kind, weight_view
@@ -70,6 +71,13 @@ class AdapterConfig:
             raise InputError(f"{name}: {self.need_text()} is larger than min(m, n)={min(shape)} of its "
                              f"{shape[0]}x{shape[1]} matrix; lower it or leave the module out (exclude_modules)")
 
+    def refusal(self, name: str) -> str | None:
+        """Why the config leaves out a matrix the target rule matched (``None``: it is adapted)."""
+        return None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model the config cannot be applied to (called before any change); a no-op by default."""
+
     def svd_rank(self, shape: tuple[int, int]) -> int | None:
         """How many leading triplets a layer needs (``None``: all of them)."""
         return None
@@ -113,6 +121,8 @@ class SpectralLayer(DerivedState):
     buffers, so DDP does not broadcast them and ``state_dict`` does not hold them.
     """
 
+    expert_digest: str | None = None  # the hash of W after a layer folded part of its update into it in place
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         if layer_kind(base_layer) is None and not isinstance(base_layer, ExpertMatrix):
@@ -143,11 +153,17 @@ class SpectralLayer(DerivedState):
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
+        """``dW``, relative to the original base weight."""
         B, A = self.delta_factors()
         return B @ A
 
+    def live_delta_weight(self) -> torch.Tensor:
+        """The part of ``dW`` the stored weight does not hold yet (all of it, unless a layer folds part of its update
+        into the weight in place, as PALoRA folds its expert): what the forward and :meth:`merge` add."""
+        return self.delta_weight()
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``dW x`` for fp32 activations ``x`` (``... x n``)."""
+        """``dW_live x`` for fp32 activations ``x`` (``... x n``)."""
         B, A = self.delta_factors()
         return (x @ A.T) @ B.T
 
@@ -157,19 +173,30 @@ class SpectralLayer(DerivedState):
             return y
         return y + self.delta(x.to(torch.float32)).to(y.dtype)
 
+    def bind_base(self, digest: str, stash: WeightStash) -> None:
+        """Called once by the wrapper after construction, with ``W``'s content hash and a stash for weights the layer
+        overwrites in place (a no-op unless the layer folds something into ``W``)."""
+
+    def set_disabled(self, disabled: bool) -> None:
+        """Switch the update off (the forward is the base layer's) or back on."""
+        self.disabled = disabled
+
+    def release(self) -> None:
+        """Called when the adapter is removed without merging: leave ``W`` as it was before wrapping."""
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Write ``W <- W + dW`` into the base layer."""
+        """Write ``W <- W + dW_live`` into the base layer."""
         if not self.merged:
             W = self.weight
-            W.copy_((W.float() + self.delta_weight()).to(W.dtype))
+            W.copy_((W.float() + self.live_delta_weight()).to(W.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             W = self.weight
-            W.copy_((W.float() - self.delta_weight()).to(W.dtype))
+            W.copy_((W.float() - self.live_delta_weight()).to(W.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -79,7 +79,7 @@ class ExpertsLayer(nn.Module):
         if not active:
             return None
         P = self.base_layer._parameters[param]
-        deltas = [active[e].delta_weight() if e in active else None for e in range(P.shape[0])]
+        deltas = [active[e].live_delta_weight() if e in active else None for e in range(P.shape[0])]
         zero = torch.zeros_like(next(d for d in deltas if d is not None))
         D = torch.stack([zero if d is None else d for d in deltas])
         if stack_layout(self.base_layer):

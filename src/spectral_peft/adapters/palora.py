@@ -4,16 +4,16 @@ The expert weight is ``W_e = U diag(sigma * z) V^T`` (``z`` from the probe, same
 update is ``dW_k = s P_L B A P_R`` with ``P_L = I - U_S U_S^T``, ``P_R = I - V_S V_S^T`` and ``S`` chosen per matrix
 from the probe scores ``d_i = |z_i - 1|`` ("projection-adaptive"), so ``U_S^T dW_k = 0`` and ``dW_k V_S = 0``: every
 protected expert triplet is kept exactly. The soft variant uses ``P_L = I - U diag(w) U^T`` with
-``w_i = d_i / max(d)`` over all indices. Relative to ``W`` the layer adds ``dW = U diag(sigma (z - 1)) V^T + dW_k``.
+``w_i = d_i / max(d)`` over all indices. Relative to ``W`` the layer adds ``dW = dE + dW_k`` with
+``dE = U diag(sigma (z - 1)) V^T``.
 
-``expert_mode="fold"`` keeps ``W_e`` as a frozen buffer (the speed of LoRA, one extra copy of each target weight);
-``"factorised"`` computes ``W x + U (sigma (z - 1) * V^T x)`` (no copy, about one more matmul per token). An expert
-of a 3-D MoE stack keeps no folded copy: its :class:`~.experts.ExpertsLayer` adds the whole ``dW`` to the stack.
-Memory: both modes keep the full ``U``, ``S``, ``V`` (fp32) as derived state, because unload, merge and export
-need ``U diag(sigma (z - 1)) V^T`` exactly against the original base. Folding in place instead of into a copy
-would need the original ``W`` back bit-exactly, and ``round(W_e - dE)`` recovers it only with the exact ``dE``
-(hence the full ``U``, ``V``, or the SVD cache on disk) plus a fix-up of the entries whose rounding crossed a
-binade; from ``W_e`` alone about one bit per entry is lost.
+The expert is folded into the weight in place: when the wrapper binds the layer (:meth:`PALoRALayer.bind_base`),
+``W`` is stashed on disk (:class:`~spectral_peft.spectral.stash.WeightStash`, addressed by its content hash, the base
+identity the adapter records) and overwritten by ``W_e = round(W + dE)``, whose hash is recorded as the expert's
+identity. The forward is then LoRA's, ``W_e x + dW_k x``, and the layer keeps only ``U_S``, ``V_S`` (no full ``U``,
+``V``, no second weight). Unloading, disabling and unmerging put the stashed weights back bit for bit (hash-checked);
+``dE`` for export is ``W_e - W`` read back from the stash. The soft variant needs every direction, so it keeps the
+full ``U`` and ``V``. Experts of 3-D MoE stacks are folded into their slice of the stack the same way.
 ``place="inside"`` is an ablation: the update is forced *into* the protected subspace,
 ``dW_k = s U_S U_S^T B A V_S V_S^T``, so that PALoRA's placement can be compared with its opposite.
 Matrices the probe does not cover are adapted by plain LoRA (``uncovered="unconstrained"``) or left alone
@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
 from ..probe import SELECTION_RULES, Probe
-from ..spectral import SVD
+from ..spectral import SVD, weight_hash
+from ..spectral.stash import WeightStash
 from .base import SpectralLayer, base_weight
 from .projected_lora import LowRankConfig, ProjectedLoRA, ProjectedLoRALayer
+from .svf_fold import expert_delta, probe_weights
 
 UNCOVERED = ("unconstrained", "skip")
 PLACES = ("orthogonal", "inside")
-EXPERT_MODES = ("fold", "factorised")
 
 
 @dataclass
@@ -62,7 +62,6 @@ class PALoRAConfig(LowRankConfig):
     soft: bool = False
     protected_indices: dict[str, list[int]] | None = field(default=None, repr=False)
     uncovered: str = "unconstrained"
-    expert_mode: str = "fold"
     place: str = "orthogonal"
 
     def validate(self) -> None:
@@ -75,8 +74,6 @@ class PALoRAConfig(LowRankConfig):
             raise InputError(f"need 0 <= rho <= 1, 0 <= q <= 1 and tau >= 0 (got {self.rho}, {self.q}, {self.tau})")
         if self.uncovered not in UNCOVERED:
             raise InputError(f"uncovered must be one of {UNCOVERED}, got {self.uncovered!r}")
-        if self.expert_mode not in EXPERT_MODES:
-            raise InputError(f"expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
         if self.place not in PLACES:
             raise InputError(f"place must be one of {PLACES}, got {self.place!r}")
         if self.probe is None:
@@ -102,9 +99,12 @@ class PALoRAConfig(LowRankConfig):
     def covers(self, name: str) -> bool:
         return name in self.probe.scales
 
-    def accepts(self, name: str) -> bool:
-        """Whether a matched target is adapted at all."""
-        return self.covers(name) or self.uncovered == "unconstrained"
+    def refusal(self, name: str) -> str | None:
+        return None if self.covers(name) or self.uncovered == "unconstrained" else "not in the probe, uncovered='skip'"
+
+    def check_model(self, model: nn.Module) -> None:
+        """The probe must have been trained on exactly this model's weights."""
+        probe_weights(model, self.probe)
 
     def check_shape(self, name: str, shape: tuple[int, int]) -> None:
         super().check_shape(name, shape)
@@ -133,54 +133,110 @@ class PALoRAConfig(LowRankConfig):
             index = self.protected(name)
             lora = ProjectedLoRA(shape, self.r, scaling, svd.U[:, index], svd.V[:, index],
                                  inside=self.place == "inside")
-        return PALoRALayer(base_layer, svd, z, index, lora, self.expert_mode)
+        return PALoRALayer(base_layer, svd, z, index, lora)
 
 
 class PALoRALayer(SpectralLayer):
-    """Frozen SVF expert (``expert_scale``) plus a projected LoRA; ``protected_index`` is the set ``S``.
+    """The SVF expert folded into ``W`` in place (``expert_scale`` = ``z``), plus a projected LoRA on the protected
+    set ``S`` (``protected_index``).
 
-    ``expert_scale`` and ``protected_index`` are saved state (buffers); the full ``U``, ``S``, ``V`` and the folded
-    ``expert_weight`` are derived state (:mod:`.derived`), recomputed from the base and the probe, never broadcast.
+    ``expert_scale`` and ``protected_index`` are saved state (buffers). Until :meth:`bind_base` folds the expert the
+    layer holds the SVD; afterwards only the LoRA's ``U_S``, ``V_S`` (derived state) and the hashes of ``W``
+    (``base_digest``) and ``W_e`` (``expert_digest``), with the stash that holds whichever is not live.
     """
 
-    derived = ("U", "S", "V", "expert_weight")
-
-    def __init__(
-        self, base_layer: nn.Module, svd: SVD, z: torch.Tensor, index: torch.Tensor, lora: ProjectedLoRA, mode: str
-    ):
+    def __init__(self, base_layer: nn.Module, svd: SVD, z: torch.Tensor, index: torch.Tensor, lora: ProjectedLoRA):
         super().__init__(base_layer)
-        self.expert_mode = mode
         self.lora = lora
         self.register_buffer("expert_scale", z.float().clone())
         self.register_buffer("protected_index", index.long().clone())
-        self.U = svd.U.float().contiguous()
-        self.S = svd.S.float().contiguous()
-        self.V = svd.V.float().contiguous()
-        W_e = None
-        if mode == "fold" and self.kind != "expert":  # an expert matrix is applied by its ExpertsLayer, never here
-            W = self.weight
-            W_e = (W.float() + self.expert_delta_weight()).to(W.dtype)
-        self.expert_weight = W_e
+        self._svd: SVD | None = svd
+        self.stash: WeightStash | None = None
+        self.base_digest: str | None = None
+        self.expert_digest: str | None = None
 
+    @torch.no_grad()
+    def bind_base(self, digest: str, stash: WeightStash) -> None:
+        """Stash ``W`` (hash ``digest``) and overwrite it with ``W_e = round(W + dE)``; drop the SVD."""
+        W = self.weight
+        stash.put(W, digest)
+        dE = expert_delta(self._svd, self.expert_scale).to(W.device)
+        W.copy_((W.float() + dE).to(W.dtype))
+        self.stash, self.base_digest, self.expert_digest, self._svd = stash, digest, weight_hash(W), None
+
+    def _bound(self) -> WeightStash:
+        if self.stash is None:
+            raise RuntimeError("a PALoRA layer was used before get_peft_model bound it to its base weight")
+        return self.stash
+
+    @torch.no_grad()
+    def set_disabled(self, disabled: bool) -> None:
+        """Disabling puts ``W`` back (``W_e`` is stashed first); enabling puts ``W_e`` back. Both are exact."""
+        if disabled != self.disabled and not self.merged:
+            stash = self._bound()
+            if disabled:
+                stash.put(self.weight, self.expert_digest)
+            stash.restore(self.expert_digest if not disabled else self.base_digest, self.weight)
+        self.disabled = disabled
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W <- W_e + dW_k`` (enabled first; ``W_e`` is stashed, so :meth:`unmerge` is exact)."""
+        if not self.merged:
+            self.set_disabled(False)
+            self._bound().put(self.weight, self.expert_digest)
+        super().merge()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._bound().restore(self.expert_digest, self.weight)
+            self.merged = False
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Put the original ``W`` back (the adapter is being removed without merging)."""
+        self._bound().restore(self.base_digest, self.weight)
+        self.merged = self.disabled = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("expert_scale", "protected_index"):
+            saved = state_dict.get(prefix + key)
+            if saved is not None and not torch.equal(saved.to(getattr(self, key)), getattr(self, key)):
+                raise InputError(f"the saved adapter's {key} differs from the expert folded into this model; load "
+                                 "it onto the base model with spectral_peft.load_adapter")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
     def expert_delta_weight(self) -> torch.Tensor:
-        """``U diag(sigma (z - 1)) V^T``."""
-        return (self.U * (self.S * (self.expert_scale - 1.0))) @ self.V.T
+        """``dE = W_e - W`` in fp32, from the live weight and the stash."""
+        stash = self._bound()
+        W = torch.empty_like(self.weight)
+        stash.restore(self.base_digest, W)
+        if self.merged or self.disabled:
+            W_e = torch.empty_like(W)
+            stash.restore(self.expert_digest, W_e)
+        else:
+            W_e = self.weight
+        return W_e.float() - W.float()
+
+    def live_delta_weight(self) -> torch.Tensor:
+        """``dW_k`` alone: the expert is already in the stored weight."""
+        B, A = self.lora.factors()
+        return B @ A
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[dE | s P_L B]`` and ``[I; A P_R]`` (or ``[I | s P_L B]`` and ``[dE; A P_R]`` for a wide matrix): rank
+        ``min(m, n) + r``, product ``dE + dW_k``."""
         B, A = self.lora.factors()
-        return torch.cat([self.U * (self.S * (self.expert_scale - 1.0)), B], 1), torch.cat([self.V.T, A], 0)
-
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``dW_k x`` (the knowledge update alone)."""
-        B, A = self.lora.factors()
-        return (x @ A.T) @ B.T
+        dE = self.expert_delta_weight()
+        m, n = dE.shape
+        if n <= m:
+            return torch.cat([dE, B], 1), torch.cat([torch.eye(n, device=A.device), A], 0)
+        return torch.cat([torch.eye(m, device=B.device), B], 1), torch.cat([dE, A], 0)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen expert path and the LoRA path apart, so no gradient is formed for the frozen factors."""
-        return ((x @ self.V) * (self.S * (self.expert_scale - 1.0))) @ self.U.T + self.lora_delta(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled or self.expert_mode == "factorised":
-            return super().forward(x)
-        y = F.linear(x, self.expert_weight, self.base_layer.bias)
-        return y + self.lora_delta(x.to(torch.float32)).to(y.dtype)
+        """``dW_k x``: what the forward adds to ``W_e x``."""
+        self._bound()
+        B, A = self.lora.factors()
+        return (x @ A.T) @ B.T

@@ -27,7 +27,8 @@ from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_fa
 from ..training.injection import InjectSettings, train_injection
 from ..loading import ORGANISM, ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
-from ..probe import Probe, fold_expert
+from ..adapters.svf_fold import fold_expert
+from ..probe import Probe
 from ..report import plot_loss, plot_skill_bars, plot_tradeoff, plot_training, probe_figures, probe_spread, save_figure
 from ..runs import RunDir, safe_name
 from ..training.svf_expert import SVFSettings, train_svf_expert

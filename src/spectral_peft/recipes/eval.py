@@ -24,7 +24,8 @@ from ..evaluation.knowledge_split import KnowledgeSplit
 from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec
 from ..model import load_adapter
-from ..probe import fold_expert, load_probe
+from ..adapters.svf_fold import fold_expert
+from ..probe import load_probe
 from ..report import md_table
 from ..runs import RunDir, read_json
 from ..validation import check_adapter, check_at_least, check_probe, read_json_file

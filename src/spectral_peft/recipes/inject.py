@@ -26,7 +26,8 @@ from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_fa
 from ..training.injection import InjectSettings, train_injection
 from ..loading import ORGANISM, ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_method
-from ..probe import fold_expert, load_probe
+from ..adapters.svf_fold import fold_expert
+from ..probe import load_probe
 from ..report import plot_loss, save_figure
 from ..runs import RunDir
 from ..validation import check_at_least, check_distinct, check_finite_numbers, check_method, check_probe

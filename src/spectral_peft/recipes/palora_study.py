@@ -33,7 +33,8 @@ from ..evaluation.knowledge_split import KnowledgeSplit, SplitSettings, check_fa
 from ..training.injection import InjectSettings, train_injection
 from ..loading import ORGANISM, ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import MethodSpec, count_trainable, parse_methods
-from ..probe import fold_expert, load_probe
+from ..adapters.svf_fold import fold_expert
+from ..probe import load_probe
 from ..report import plot_tradeoff
 from ..runs import RunDir
 from ..training.svf_expert import SVFSettings, train_svf_expert
