@@ -39,6 +39,7 @@ RECIPES = {
     "continual": "continual tuning over tasks in sequence: final accuracy and backward transfer",
     "edit": "knowledge editing: success, paraphrase generalisation, locality, skill preservation",
     "sanity": "spectral sanity check: loss change from perturbing single singular directions vs sigma",
+    "lab-check": "can the lab tell methods apart? measure the validity criteria of docs/lab.md",
 }
 
 

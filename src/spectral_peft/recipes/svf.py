@@ -2,8 +2,9 @@
 
 ``spectral-peft svf --skill math`` trains SVF's singular-value scales ``z`` on a skill (an organism skill or any
 data spec: ``gsm8k:PATH``, ``arc-easy:PATH``, a prompt/response JSONL, ... see ``spectral_peft.data.spec``) with
-objective ``sft`` (cross-entropy on worked solutions) or ``reinforce`` (rewards from the skill's checker), keeps the
-step with the best validation accuracy, and freezes ``z`` as a probe (``spectral_peft.training.svf_expert``).
+objective ``sft`` (cross-entropy on worked solutions), ``reinforce`` (greedy rollouts rewarded by the skill's checker)
+or ``reinforce-group`` (sampled rollouts with a group-mean baseline), keeps the step with the best validation accuracy
+(step 0, the base, included), and freezes ``z`` as a probe (``spectral_peft.training.svf_expert``).
 
 Writes ``probe/`` (``probe_config.json``, ``probe.safetensors``; pass the run directory to ``spectral-peft inject
 --probe``), ``adapter/`` (the SVF adapter), ``metrics.json`` (with the per-example validation outcomes),
@@ -35,7 +36,8 @@ class Config:
     Attributes:
         skill: the expert's skill: an organism skill (math, code, science) or task, gsm8k:PATH, mbpp:PATH,
             arc-easy:PATH, arc-challenge:PATH, or a prompt/response JSONL.
-        objective: sft (cross-entropy on worked solutions) or reinforce (greedy rollouts rewarded by the checker).
+        objective: sft (cross-entropy on worked solutions), reinforce (greedy rollouts rewarded by the checker) or
+            reinforce-group (several sampled rollouts per prompt, advantage = reward - the prompt's mean reward).
         model: "organism", a checkpoint directory or a Hugging Face model id.
         device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
         dtype: auto (the checkpoint's own: bf16 for most hub models, fp32 for the organism), float32, bfloat16 or

@@ -6,10 +6,13 @@ An objective turns a list of raw items into a batch (``collate``) and a batch in
 - :class:`SFTObjective`: next-token cross-entropy on the target tokens only (prompt and padding are masked with
   ``-100``); the prompt is tokenised with the tokenizer's special tokens, the target without, so the boundary is
   exact. Batches are right-padded.
-- :class:`ReinforceObjective` (Transformer-squared): greedy rollouts of the current model on the prompts, reward
-  ``+1`` when the task's checker accepts the rollout and ``-1`` otherwise, loss
-  ``-(sum of rollout token log-probs) * reward`` averaged over the batch, plus an optional
-  ``kl_coef * KL(p_model || p_base)`` summed over rollout tokens (the base is the model with its adapter disabled).
+- :class:`ReinforceObjective` (Transformer-squared): ``samples`` rollouts of the current model per prompt (greedy
+  at ``temperature = 0``, else sampled from ``p^(1/temperature)``), reward ``r = +1`` when the task's checker accepts
+  the rollout and ``-1`` otherwise, advantage ``A = r`` (``baseline="none"``) or ``A_ij = r_ij - mean_j r_ij``
+  (``baseline="group"``: the mean reward of the prompt's group of samples, so a group whose samples all score the
+  same contributes no gradient), loss ``-(sum of rollout token log-probs) * A`` averaged over all rollouts, plus an
+  optional ``kl_coef * KL(p_model || p_base)`` summed over rollout tokens and averaged over rollouts (the base is the
+  model with its adapter disabled). The defaults (one greedy rollout, no baseline) are the original objective.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import InputError
 
 IGNORE_INDEX = -100
 
@@ -104,43 +109,81 @@ def _adapter_disabled(model):
         yield
 
 
+BASELINES = ("none", "group")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, baseline: str = "group") -> torch.Tensor:
+    """Advantages of rewards laid out as consecutive groups of ``group_size`` samples of one prompt:
+    ``A_ij = r_ij - mean_j r_ij`` for ``baseline="group"``, ``A = r`` for ``"none"``."""
+    if baseline not in BASELINES:
+        raise InputError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINES)}")
+    if baseline == "none":
+        return rewards
+    groups = rewards.view(-1, group_size)
+    return (groups - groups.mean(1, keepdim=True)).reshape(-1)
+
+
 @dataclass
 class ReinforceObjective:
-    """REINFORCE on a task with a checker (items are the task's ``Example`` objects)."""
+    """REINFORCE on a task with a checker (items are the task's ``Example`` objects); see the module docstring.
+
+    ``samples`` rollouts per prompt, at ``temperature`` (0: greedy), with advantage ``baseline`` "none" or "group".
+    """
 
     tokenizer: Any
     task: Any
     kl_coef: float = 0.0
     max_new_tokens: int = 96
     max_length: int | None = 512
+    samples: int = 1
+    temperature: float = 0.0
+    baseline: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or not self.temperature >= 0:
+            raise InputError(f"reinforce needs samples >= 1 and temperature >= 0, got samples={self.samples}, "
+                             f"temperature={self.temperature}")
+        if self.baseline not in BASELINES:
+            raise InputError(f"unknown baseline {self.baseline!r}; choose from {', '.join(BASELINES)}")
 
     def collate(self, items: Sequence[Any]) -> list[Any]:
         return list(items)
 
     @torch.no_grad()
     def rollouts(self, model, examples: Sequence[Any]) -> tuple[list[str], torch.Tensor]:
-        """Greedy completions (cut at the first newline) and their rewards (+1 correct, -1 otherwise)."""
+        """``samples`` completions per example (cut at the first newline), grouped by example (``samples``
+        consecutive entries each), and their rewards (+1 correct, -1 otherwise). Sampling is seeded from the torch
+        generator, so a run (and a resumed run) is deterministic."""
         from ..evaluation.generation import generate
 
+        repeated = [e for e in examples for _ in range(self.samples)]
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0,
+                    "seed": int(torch.randint(0, 2**31 - 1, (1,)))} if self.temperature > 0 else {}
         was_training = model.training
         model.eval()
         try:
-            outputs = generate(model, self.tokenizer, [e.prompt for e in examples], max_new_tokens=self.max_new_tokens,
-                               batch_size=len(examples), progress=False)
+            outputs = generate(model, self.tokenizer, [e.prompt for e in repeated], max_new_tokens=self.max_new_tokens,
+                               batch_size=len(repeated), progress=False, **sampling)
         finally:
             model.train(was_training)
-        rewards = torch.tensor([1.0 if self.task.check(o, e) else -1.0 for o, e in zip(outputs, examples)])
+        rewards = torch.tensor([1.0 if self.task.check(o, e) else -1.0 for o, e in zip(outputs, repeated)])
         return outputs, rewards
 
     def loss(self, model, examples: Sequence[Any]) -> tuple[torch.Tensor, dict[str, float]]:
         outputs, rewards = self.rollouts(model, examples)
+        advantages = group_advantages(rewards, self.samples, self.baseline)
+        repeated = [e for e in examples for _ in range(self.samples)]
         # the rollout is scored as its text plus the stop newline that ended it
-        batch = collate_pairs(self.tokenizer, [(e.prompt, o + "\n") for e, o in zip(examples, outputs)], self.max_length)
+        pairs = [(e.prompt, o + "\n") for e, o in zip(repeated, outputs)]
+        batch = collate_pairs(self.tokenizer, pairs, self.max_length)
         batch = {k: v.to(_device(model)) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp_sum = -masked_nll(logits, batch["labels"], reduction="sum_per_row")
-        loss = -(logp_sum * rewards.to(logp_sum.device)).mean()
+        loss = -(logp_sum * advantages.to(logp_sum.device)).mean()
         logs = {"reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean())}
+        if self.samples > 1:
+            same = (rewards.view(-1, self.samples) == rewards.view(-1, self.samples)[:, :1]).all(1)
+            logs["uniform_groups"] = float(same.float().mean())
         if self.kl_coef > 0:
             with torch.no_grad(), _adapter_disabled(model):
                 base_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -149,5 +192,5 @@ class ReinforceObjective:
             logq = F.log_softmax(base_logits[:, :-1].float(), -1)
             kl = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1).mean()
             loss = loss + self.kl_coef * kl
-            logs["kl"] = float(kl)
+            logs["kl"] = float(kl.detach())
         return loss, logs
