@@ -58,3 +58,20 @@ def test_top_k_methods_keep_only_k_columns(method, one_thread):
     k = wrapped.peft_config.k
     for name, t in derived(wrapped).items():
         assert t.dim() == 1 and t.numel() <= k or t.dim() == 2 and t.shape[0] <= k, (name, tuple(t.shape))
+
+
+@pytest.mark.parametrize("method", SPECTRAL)
+def test_no_derived_tensor_keeps_a_larger_storage_alive(method, tmp_path, one_thread):
+    """A derived tensor that is a slice of a full SVD (or of a cache file safetensors maps into memory) would keep
+    the whole of it resident; each must own exactly its bytes, also when the SVDs come from a cache of full SVDs."""
+    from spectral_peft.adapters.matrices import matrix_weights
+    from spectral_peft.model import find_targets
+    from spectral_peft.spectral import SVDCache
+
+    model, config = tiny_model(), config_for(method)
+    cache = SVDCache(tmp_path)
+    for W in matrix_weights(model, find_targets(model, config)).values():
+        cache.get(W)  # full SVDs on disk: top-k methods slice them
+    wrapped = get_peft_model(model, config, svd_cache=SVDCache(tmp_path), progress=False)
+    for name, t in derived(wrapped).items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name

@@ -152,7 +152,9 @@ def _read(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor]:
                 if metadata.get(key) != value:
                     raise InvalidEntry(f"metadata {key} is {metadata.get(key)!r}, expected {value!r}")
             names = f.keys()  # a safe_open handle, not a dict
-            return {name: f.get_tensor(name) for name in names}
+            # copies: a tensor safetensors hands out may be a view of the mapped file, and any view kept by a
+            # layer (a slice of S, say) would keep the whole file resident
+            return {name: f.get_tensor(name).clone() for name in names}
     except (SafetensorError, OSError) as e:
         raise InvalidEntry(f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 

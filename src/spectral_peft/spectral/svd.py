@@ -33,10 +33,12 @@ class SVD:
         return SVD(self.U[:, index], self.S[index], self.V[:, index])
 
     def top(self, k: int) -> "SVD":
-        return SVD(self.U[:, :k], self.S[:k], self.V[:, :k])
+        """The leading ``k`` triplets, as copies (a view would keep the full ``U`` and ``V`` alive)."""
+        return SVD(self.U[:, :k].clone(), self.S[:k].clone(), self.V[:, :k].clone())
 
     def bottom(self, k: int) -> "SVD":
-        return SVD(self.U[:, -k:], self.S[-k:], self.V[:, -k:])
+        """The trailing ``k`` triplets, as copies."""
+        return SVD(self.U[:, -k:].clone(), self.S[-k:].clone(), self.V[:, -k:].clone())
 
     def to(self, device=None, dtype=None) -> "SVD":
         return SVD(self.U.to(device, dtype), self.S.to(device, dtype), self.V.to(device, dtype))
