@@ -42,6 +42,7 @@ from spectral_peft.adapters.hiplora import weighted_ball_projection
 from spectral_peft.errors import InputError
 from spectral_peft.model import base_identity
 from spectral_peft.probe import Probe
+from spectral_peft.budget import hip_layers
 
 STEPS = 3
 EPS = 1e-4  # HiP-LoRA's budget: lr 1e-2 steps leave this ball, so the projection acts on every step
@@ -130,7 +131,7 @@ def run(strategy: str, method: str, out: Path) -> None:
             error = str(e)
         (out / f"rank{rank}.json").write_text(json.dumps({"error": error}))
         return
-    hip = model.hip_layers()
+    hip = hip_layers(model.spectral_layers().values())
     record = {"before": [], "after": [], "deviation": [], "eps": [layer.budget_eps for layer in hip]}
     pre = []
 

@@ -15,6 +15,7 @@ from spectral_peft.adapters.svft import sparsity_pattern
 from spectral_peft.errors import InputError
 from spectral_peft.probe import select_indices
 from spectral_peft.spectral import svd_full
+from spectral_peft.budget import hip_layers
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -155,7 +156,7 @@ def test_hiplora_residual_orthogonal_and_top_subspace_fixed_under_budget(dtype, 
         uses.append(max(wrapped.budget_use().values()))
         opt_steps.append(1)
 
-    phis = [layer.hip_phi for layer in wrapped.hip_layers()]
+    phis = [layer.hip_phi for layer in hip_layers(wrapped.spectral_layers().values())]
     loras = [p for n, p in wrapped.named_parameters() if p.requires_grad and "lora" in n]
     opt = torch.optim.AdamW([{"params": phis, "lr": 2e-2}, {"params": loras, "lr": 1e-3}])
     attach_budget_projection(opt, wrapped)
@@ -203,7 +204,7 @@ def test_hiplora_penalty_adds_weighted_regulariser(input_ids):
     config = method_config("hiplora", k=4, budget_mode="penalty", budget_lambda=0.5, budget_power=1.0)
     wrapped = get_peft_model(tiny_model(), config, progress=False)
     with torch.no_grad():
-        for layer in wrapped.hip_layers():
+        for layer in hip_layers(wrapped.spectral_layers().values()):
             layer.hip_phi.fill_(0.3)
     wrapped.train()
     loss = wrapped(input_ids=input_ids, labels=input_ids).loss
@@ -211,14 +212,14 @@ def test_hiplora_penalty_adds_weighted_regulariser(input_ids):
         pass
     wrapped.eval()
     plain = wrapped(input_ids=input_ids, labels=input_ids).loss
-    R = sum(float(((layer.S / layer.S[0]) * 0.09).sum()) for layer in wrapped.hip_layers())
+    R = sum(float(((layer.S / layer.S[0]) * 0.09).sum()) for layer in hip_layers(wrapped.spectral_layers().values()))
     assert math.isclose(float(loss - plain), 0.5 * R, rel_tol=1e-5)
 
 
 def test_hiplora_relative_budget_and_power():
     config = method_config("hiplora", k=4, budget_rho=0.2, budget_power=-2.0)
     wrapped = get_peft_model(tiny_model(), config, progress=False)
-    layer = wrapped.hip_layers()[0]
+    layer = hip_layers(wrapped.spectral_layers().values())[0]
     S = layer.S
     assert torch.allclose(layer.budget_w, (S / S[0]) ** -2)
     assert math.isclose(layer.budget_eps, 0.04 * float((layer.budget_w * S**2).sum()), rel_tol=1e-6)

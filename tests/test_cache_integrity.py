@@ -17,6 +17,7 @@ from spectral_peft.model import find_targets
 from spectral_peft.spectral import SVDCache, svd_full, svd_topk, weight_hash
 from spectral_peft.spectral import cache as cache_module
 from spectral_peft.spectral.cache import SVDCacheWarning, entry_metadata
+from spectral_peft.budget import hip_layers
 
 
 def matrix(m=60, n=40, seed=0):
@@ -191,7 +192,7 @@ def test_hiplora_through_a_planted_cache_keeps_its_residual_orthogonal(tmp_path,
     assert len([w for w in record if issubclass(w.category, SVDCacheWarning)]) == len(names)
     g = torch.Generator().manual_seed(0)
     leakage = []
-    for layer in wrapped.hip_layers():
+    for layer in hip_layers(wrapped.spectral_layers().values()):
         with torch.no_grad():
             layer.lora.lora_B.copy_(torch.randn(layer.lora.lora_B.shape, generator=g))
         B, A = layer.lora.factors()

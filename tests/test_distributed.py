@@ -28,6 +28,7 @@ from spectral_peft.adapters import method_config
 from spectral_peft.errors import InputError
 from spectral_peft.spectral import SVDCache, weight_hash
 from spectral_peft.spectral.cache import entry_lock
+from spectral_peft.budget import hip_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,7 +144,7 @@ def test_zero3_refuses_the_budget_projection(zero3_runs):
 
 def test_projection_refuses_a_phi_it_cannot_reach():
     model = get_peft_model(tiny_model(), method_config("hiplora", r=2, k=4, target_modules=["q_proj"]), progress=False)
-    layer = model.hip_layers()[0]
+    layer = hip_layers(model.spectral_layers().values())[0]
     layer.hip_phi._hp_mapping = None  # what DeepSpeed ZeRO-1/2 marks its parameters with
     with pytest.raises(InputError, match="DeepSpeed"):
         model.project_budgets()

@@ -13,6 +13,7 @@ from spectral_peft.evaluation.interference import (
     spectral_interference,
 )
 from spectral_peft.merging import adapter_deltas
+from spectral_peft.budget import hip_layers
 
 
 def spectral_matrix(m=12, n=9, seed=0):
@@ -113,7 +114,7 @@ def test_table_on_a_tiny_llama_with_hiplora_residual_only():
     base = tiny_model()
     wrapped = get_peft_model(base, HiPLoRAConfig(r=2, k=4, target_modules=["q_proj", "down_proj"]), progress=False)
     with torch.no_grad():
-        for layer in wrapped.hip_layers():
+        for layer in hip_layers(wrapped.spectral_layers().values()):
             layer.lora.lora_B.normal_(std=1e-3)
     deltas = adapter_deltas(wrapped)
     base = wrapped.unload()

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from spectral_peft import get_peft_model, load_adapter
 from spectral_peft.adapters import method_config
 from spectral_peft.training.hooks import attach_budget_projection
+from spectral_peft.budget import hip_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +101,7 @@ def phi_grads(model, batches, with_labels: bool) -> list[torch.Tensor]:
             logits = model(input_ids=ids).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
         (loss / len(batches)).backward()
-    return [layer.hip_phi.grad.clone() for layer in model.hip_layers()]
+    return [layer.hip_phi.grad.clone() for layer in hip_layers(model.spectral_layers().values())]
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
@@ -111,14 +112,14 @@ def test_penalty_gradient_counts_once_per_step_wherever_the_loss_is_computed(inp
     plain = get_peft_model(tied_model(), method_config("hiplora", k=4, budget_mode="penalty", budget_lambda=0.0),
                            progress=False)
     with torch.no_grad():
-        for a, b in zip(wrapped.hip_layers(), plain.hip_layers()):
+        for a, b in zip(hip_layers(wrapped.spectral_layers().values()), hip_layers(plain.spectral_layers().values())):
             a.hip_phi.fill_(0.2)
             b.hip_phi.fill_(0.2)
     batches = [input_ids[:1], input_ids[1:]]  # two accumulated micro-batches
     for model in (wrapped, copy.deepcopy(wrapped)):
         got = phi_grads(model, batches, with_labels)
         want = phi_grads(plain, batches, with_labels)
-        for g, w, layer in zip(got, want, model.hip_layers()):
+        for g, w, layer in zip(got, want, hip_layers(model.spectral_layers().values())):
             assert torch.allclose(g, w + 2 * lam * layer.budget_w * 0.2, rtol=1e-5, atol=1e-7)
 
 

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from spectral_peft import get_peft_model
 from spectral_peft.adapters import method_config
+from spectral_peft.budget import hip_layers
 
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,5 +55,5 @@ def test_sft_trainer_trains_a_wrapped_model_and_keeps_the_penalty(tmp_path):
     held = sft(tmp_path / "held", 1e3)
     files = {p.name for p in (tmp_path / "held" / "checkpoint-4").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
-    norm = lambda m: sum(float(layer.hip_phi.norm()) for layer in m.hip_layers())  # noqa: E731
+    norm = lambda m: sum(float(layer.hip_phi.norm()) for layer in hip_layers(m.spectral_layers().values()))  # noqa: E731
     assert norm(free) > 0 and norm(held) < 0.5 * norm(free)

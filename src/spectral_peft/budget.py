@@ -23,6 +23,7 @@ projects the same whole vector to the same result and keeps its own shard of it,
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ def regulariser(layer: HiPLoRALayer) -> torch.Tensor:
     return (layer.budget_w * whole(layer.hip_phi) ** 2).sum()
 
 
-def hip_layers(layers: list[nn.Module]) -> list[HiPLoRALayer]:
+def hip_layers(layers: Iterable[nn.Module]) -> list[HiPLoRALayer]:
     return [m for m in layers if isinstance(m, HiPLoRALayer)]
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, budget
-from .adapters import CONFIG_CLASSES, AdapterConfig, HiPLoRALayer, SpectralLayer
+from .adapters import CONFIG_CLASSES, AdapterConfig, SpectralLayer
 from .adapters.base import TARGET_RULES
 from .adapters.experts import ExpertMatrix, ExpertsLayer
 from .adapters.matrices import KINDS, Matrix, find_matrices, matrix_weights
@@ -177,9 +177,6 @@ class SpectralPeftModel(nn.Module):
     def print_adapted(self) -> None:
         """Print :meth:`adapted_summary` (as ``print_trainable_parameters`` prints the parameter counts)."""
         print(self.adapted_summary())
-
-    def hip_layers(self) -> list[HiPLoRALayer]:
-        return budget.hip_layers(list(self.spectral_layers().values()))
 
     def budget_use(self) -> dict[str, float]:
         """``R(phi) / eps`` for every HiP-LoRA layer."""
