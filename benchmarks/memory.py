@@ -7,9 +7,11 @@ For each method it reports:
   forward + backward + ``AdamW.step``: the adapter's parameters, its buffers, its derived state (cached singular
   vectors, folded weights), the gradients and AdamW's moments, each storage counted once, minus the base model's own
   parameters and buffers;
-- ``peak``: ``torch.cuda.max_memory_allocated`` on a GPU, otherwise the peak RSS (``resource.getrusage``) of a fresh
-  process that builds the model, wraps it and runs the step (one subprocess per method);
-- both as ratios to LoRA's.
+- ``peak`` (the training step's): ``torch.cuda.max_memory_allocated`` on a GPU, otherwise the peak RSS of the
+  process, both reset after wrapping (on Linux ``/proc/self/clear_refs`` resets the peak RSS), over forward,
+  backward and ``AdamW.step``;
+- ``wrap_peak``: the same peak while wrapping, which for the SVD methods holds one matrix's SVD in flight;
+- all as ratios to LoRA's. Each method runs in a fresh process (one subprocess per method).
 
 Models: ``organism`` (the shipped checkpoint) and ``llama8b-layer``, one decoder layer with Llama-3.1-8B's shapes
 (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary 256) in bf16 with random weights. SVF and PALoRA need full
@@ -27,7 +29,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -61,17 +62,16 @@ def build_base(model: str, quick: bool, device: str):
 
 
 def probe_for(base):
-    """A probe over the MLP with scales ``1 + 0.1 N(0, 1)`` (a stand-in for a trained SVF expert)."""
-    from spectral_peft import Probe, get_peft_model, method_config
+    """A probe over the MLP with scales ``1 + 0.1 N(0, 1)`` (a stand-in for a trained SVF expert; built without an
+    SVD, so that it adds nothing to the measured peaks)."""
+    from spectral_peft import Probe, method_config
+    from spectral_peft.model import base_identity, find_targets
 
-    svf = get_peft_model(base, method_config("svf"), progress=False)
+    names = find_targets(base, method_config("svf", target_modules="mlp"))
+    base_ids = base_identity(base, names)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in svf.spectral_layers().values():
-            layer.svf_param.copy_(torch.randn(layer.svf_param.shape, generator=g).to(layer.svf_param) * 0.1)
-    probe = Probe.from_model(svf)
-    svf.unload()
-    return probe
+    scales = {n: 1 + 0.1 * torch.randn(min(base_ids[n]["shape"]), generator=g) for n in names}
+    return Probe(scales, base_ids)
 
 
 def config(method: str, base, rank: int):
@@ -92,19 +92,38 @@ def storages(tensors) -> int:
     return sum(seen.values())
 
 
+def reset_peak(device: str) -> None:
+    """Start a new peak: CUDA's allocator statistics, or this process's peak RSS (``VmHWM``)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak(device: str) -> int:
+    """Bytes at the peak since :func:`reset_peak`."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def measure(model_name: str, method: str, quick: bool, device: str, rank: int) -> dict:
-    """One method's retained bytes and peak (this process's own peak: call it in a fresh process)."""
+    """One method's retained bytes and peaks (this process's own: call it in a fresh process)."""
     from spectral_peft import get_peft_model
     from spectral_peft.adapters.derived import DerivedState
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     base, ids = build_base(model_name, quick, device)
     base_bytes = storages([*base.parameters(), *base.buffers()])
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    cfg = config(method, base, rank)
+    reset_peak(device)
     t0 = time.perf_counter()
-    wrapped = get_peft_model(base, config(method, base, rank), progress=False)
+    wrapped = get_peft_model(base, cfg, progress=False)
     wrap_s = time.perf_counter() - t0
+    wrap_peak = peak(device)
+    reset_peak(device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     wrapped.train()
@@ -114,10 +133,8 @@ def measure(model_name: str, method: str, quick: bool, device: str, rank: int) -
     derived = [t for m in wrapped.modules() if isinstance(m, DerivedState) for t in m.derived_tensors().values()]
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
     alive = storages([*wrapped.parameters(), *wrapped.buffers(), *derived, *(p.grad for p in params), *state])
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"retained_bytes": alive - base_bytes, "base_bytes": base_bytes, "peak_bytes": peak, "wrap_s": wrap_s,
-            "trainable": sum(p.numel() for p in params)}
+    return {"retained_bytes": alive - base_bytes, "base_bytes": base_bytes, "peak_bytes": peak(device),
+            "wrap_peak_bytes": wrap_peak, "wrap_s": wrap_s, "trainable": sum(p.numel() for p in params)}
 
 
 def main() -> None:
@@ -143,14 +160,17 @@ def main() -> None:
             rows[method] = json.loads(out.strip().splitlines()[-1])
         lora = rows.get("lora")
         print(f"\n{model_name} ({args.device}{', quick' if args.quick else ''}), rank {args.rank}, targets mlp")
-        print(f"{'method':10s} {'retained MiB':>12s} {'x LoRA':>8s} {'x base':>8s} {'peak MiB':>10s} {'x LoRA':>8s}")
+        print(f"{'method':10s} {'retained MiB':>12s} {'x LoRA':>8s} {'x base':>8s} {'step peak MiB':>13s} "
+              f"{'x LoRA':>8s} {'wrap peak MiB':>13s} {'x LoRA':>8s} {'wrap s':>8s}")
         for method, r in rows.items():
             if lora:
                 r["retained_ratio"] = r["retained_bytes"] / lora["retained_bytes"]
                 r["peak_ratio"] = r["peak_bytes"] / lora["peak_bytes"]
+                r["wrap_peak_ratio"] = r["wrap_peak_bytes"] / lora["wrap_peak_bytes"]
             print(f"{method:10s} {r['retained_bytes'] / 2**20:12.2f} {r.get('retained_ratio', float('nan')):8.2f} "
-                  f"{r['retained_bytes'] / r['base_bytes']:8.3f} {r['peak_bytes'] / 2**20:10.1f} "
-                  f"{r.get('peak_ratio', float('nan')):8.3f}")
+                  f"{r['retained_bytes'] / r['base_bytes']:8.3f} {r['peak_bytes'] / 2**20:13.1f} "
+                  f"{r.get('peak_ratio', float('nan')):8.3f} {r['wrap_peak_bytes'] / 2**20:13.1f} "
+                  f"{r.get('wrap_peak_ratio', float('nan')):8.3f} {r['wrap_s']:8.1f}", flush=True)
         results[model_name] = rows
     if args.out:
         with open(args.out, "w") as f:

@@ -9,7 +9,8 @@ chains as separate ``spectral-peft`` processes, each with a handful of examples 
 
 For each stage it records the exit status, the wall time and the peak RSS of the stage's process (``wait4``'s
 ``ru_maxrss``), prints a markdown table and writes it to ``OUT/rehearsal.json``. Targets are the MLP matrices, so a
-spectral stage computes one fp32 SVD per 4096 x 14336 matrix (3 per layer).
+spectral stage needs one fp32 SVD per 4096 x 14336 matrix (3 per layer); the stages share ``OUT/svd-cache``
+(``SPECTRAL_PEFT_SVD_CACHE``), so each is computed once, by the first stage that needs it.
 
     python benchmarks/rehearsal.py --out /tmp/rehearsal            # 2 layers, CPU, bf16
     python benchmarks/rehearsal.py --out /tmp/rehearsal --stages finetune,merge,export
@@ -63,11 +64,14 @@ EXPECTED = {"svf": "probe", "inject": "adapter", "eval": "metrics.json", "finetu
             "merge": "model/config.json", "export": "adapter_config.json"}
 
 
-def run_stage(argv: list[str], log: Path) -> dict[str, float | int]:
-    """Run ``spectral-peft argv`` as its own process; exit status, wall seconds and peak RSS (MiB) of that process."""
+def run_stage(argv: list[str], log: Path, svd_cache: Path) -> dict[str, float | int]:
+    """Run ``spectral-peft argv`` as its own process, with the SVD cache ``svd_cache`` shared by every stage; exit
+    status, wall seconds and peak RSS (MiB) of that process."""
     t0 = time.perf_counter()
+    env = {**os.environ, "SPECTRAL_PEFT_SVD_CACHE": str(svd_cache)}
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "spectral_peft.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "spectral_peft.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_mib": usage.ru_maxrss / 1024}
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = stage_commands(str(model), out, args.threads, args.device)
     rows = {}
     for name in args.stages.split(","):
-        rows[name] = {**run_stage(commands[name], out / f"{name}.log"),
+        rows[name] = {**run_stage(commands[name], out / f"{name}.log", out / "svd-cache"),
                       "command": "spectral-peft " + " ".join(commands[name])}
         r = rows[name]
         print(f"{name}: rc {r['rc']}, {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
