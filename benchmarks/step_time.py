@@ -22,10 +22,15 @@ both alike. We report the median step time and the median over repeats of the pa
 wall-clock time and, as a cross-check that other processes disturb less, in this process's CPU time.
 PiSSA does exactly LoRA's computation after its init, so its ratio is an A/A check of the noise.
 
+``--profile`` adds where the time goes: after the timed repeats, ``torch.profiler`` records a few steps of each method
+(interleaved rounds) and the results get, per method and section, the aten ops per step and the ops with the most
+self CPU time. On a small model the number of ops weighs as much as their FLOPs (docs/performance.md).
+
     python benchmarks/step_time.py                 # full run (10-20 minutes on 2 shared CPU cores)
     python benchmarks/step_time.py --quick         # tiny Llama only, few repeats
     python benchmarks/step_time.py --device cuda --out step_time.json
     python benchmarks/step_time.py --sections svd --threads 1   # the SVD timing alone, single-threaded
+    python benchmarks/step_time.py --sections tiny,big --methods pissa,oplora,hiplora --profile   # a subset
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ import os
 
 # MKL/OpenMP threads that spin-wait make LAPACK (the full SVD) up to 30x slower when another process holds the
 # cores (measured: 25 s vs 0.9 s for a 4096 x 1024 SVD on a busy 2-core machine). Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The price: every parallel op then wakes a sleeping thread (about 0.1 ms on the shared 2-core VM), which weighs on
+# steps made of many small ops (docs/performance.md). OMP_WAIT_POLICY set but empty keeps OpenMP's own default
+# (spin briefly, then sleep).
+if os.environ.get("OMP_WAIT_POLICY") == "":
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -49,6 +60,7 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -81,8 +93,7 @@ METHODS = [
     Method("svft", "svft", {"pattern": "plain"}, ranked=False),
     Method("oplora", "oplora", {"k": 16}, target_ratio=1.05),
     Method("hiplora", "hiplora", {"k": 16}, target_ratio=1.05),
-    Method("palora-fold", "palora", {"expert_mode": "fold", "rho": 0.1}, targets="mlp", target_ratio=1.05),
-    Method("palora-factorised", "palora", {"expert_mode": "factorised", "rho": 0.1}, targets="mlp", target_ratio=1.05),
+    Method("palora", "palora", {"rho": 0.1}, targets="mlp", target_ratio=1.05),
     Method("svf-recompose", "svf", {"forward_mode": "recompose"}, targets="mlp", ranked=False, target_ratio=1.3),
     Method("svf-factorised", "svf", {"forward_mode": "factorised"}, targets="mlp", ranked=False, target_ratio=1.3),
 ]
@@ -135,7 +146,8 @@ class Run:
 def build_run(method: Method, base: nn.Module, mlp_targets, all_targets, rank, probe, cache, loss_fn, device,
               peft_task, pissa_niter=None) -> Run:
     """Copy ``base``, wrap it with ``method`` and return its training step."""
-    model = copy.deepcopy(base) if method.name == "pissa" else shallow_copy(base)
+    # PiSSA writes its residual into W and PALoRA folds its expert into W in place: they get their own copy
+    model = copy.deepcopy(base) if method.name in ("pissa", "palora") else shallow_copy(base)
     kwargs = dict(method.kwargs)
     kwargs["target_modules"] = mlp_targets if method.targets == "mlp" else all_targets
     if method.ranked:
@@ -166,7 +178,7 @@ def build_run(method: Method, base: nn.Module, mlp_targets, all_targets, rank, p
 
 
 def shallow_copy(base: nn.Module) -> nn.Module:
-    """A copy of ``base`` whose parameters share storage with it (the adapters never write to the base weight)."""
+    """A copy of ``base`` whose parameters share storage with it (for the adapters that never write to ``W``)."""
     memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in base.parameters()}
     return copy.deepcopy(base, memo)
 
@@ -183,6 +195,20 @@ def make_probe(base: nn.Module, mlp_targets, cache, seed: int = 0) -> Probe:
     probe = Probe.from_model(svf)
     svf.unload()
     return probe
+
+
+def select(methods: list[Method], wanted: str | None) -> list[Method]:
+    """The methods named in ``wanted`` (comma-separated labels; all when ``None``) plus the LoRA runs they are timed
+    against."""
+    if wanted is None:
+        return methods
+    names = set(wanted.split(","))
+    unknown = names - {m.label for m in methods}
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {[m.label for m in methods]}")
+    if any(m.targets == "mlp" for m in methods if m.label in names):
+        names.add("lora-mlp")
+    return [m for m in methods if m.label in names | {"lora"}]
 
 
 def reference(method: Method, labels) -> str:
@@ -277,6 +303,46 @@ def print_table(title: str, rows: dict) -> None:
           f"Cores this process got (CPU/wall time of LoRA steps): {rows['lora']['cores_used']:.2f}")
 
 
+def profile_steps(runs: dict[str, Run], device, rounds: int = 3, steps: int = 2, top: int = 12) -> dict:
+    """Where a step's time goes, per method: ``rounds`` interleaved rounds of ``steps`` profiled steps each.
+
+    Returns ``label -> {"aten_ops_per_step", "self_cpu_ms_per_step", "top": [{"op", "calls_per_step",
+    "self_cpu_ms_per_step", "share"}]}``, ``top`` ordered by self CPU time; ``share`` is of the step's self CPU time.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    totals = {label: {} for label in runs}
+    for rep in tqdm(range(rounds), desc="profile", leave=False):
+        labels = list(runs)
+        for label in labels[rep % len(labels):] + labels[: rep % len(labels)]:
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    runs[label].step()
+                sync(device)
+            for e in prof.key_averages():
+                calls, self_us = totals[label].get(e.key, (0, 0.0))
+                totals[label][e.key] = (calls + e.count, self_us + e.self_cpu_time_total)
+    n = rounds * steps
+    out = {}
+    for label, ops in totals.items():
+        total_us = sum(t for _, t in ops.values())
+        ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
+        out[label] = {
+            "aten_ops_per_step": sum(c for k, (c, _) in ops.items() if k.startswith("aten::")) / n,
+            "self_cpu_ms_per_step": total_us / n / 1e3,
+            "top": [{"op": k, "calls_per_step": c / n, "self_cpu_ms_per_step": t / n / 1e3, "share": t / total_us}
+                    for k, (c, t) in ranked],
+        }
+    return out
+
+
+def print_profile(title: str, prof: dict) -> None:
+    print(f"\n== {title}: where a step's time goes (self CPU time, torch.profiler) ==")
+    for label, p in prof.items():
+        ops = ", ".join(f"{t['op'].removeprefix('aten::')[:24]} {100 * t['share']:.0f}% ({t['calls_per_step']:.0f})"
+                        for t in p["top"][:5])
+        print(f"{label:<19}{p['aten_ops_per_step']:>7.0f} aten ops/step {p['self_cpu_ms_per_step']:>8.1f} ms  {ops}")
+
+
 def decaying_matrix(m: int, n: int, noise: float, seed: int, device) -> torch.Tensor:
     """``U diag(s) V^T + noise * G``: ``U``, ``V`` Haar-random orthonormal (QR of Gaussians), ``s_i = i^-0.5``."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -304,13 +370,17 @@ def run_tiny_llama(args, device, repeats: int) -> dict:
 
     cache = MemoSVDCache()
     probe = make_probe(llama, list(MLP_MODULES), cache)
+    methods = select(METHODS, args.methods)
     runs = {m.label: build_run(m, llama, list(MLP_MODULES), "all-linear", args.rank, probe, cache, llama_loss,
                                device, peft_task="CAUSAL_LM")
-            for m in tqdm(METHODS, desc="tiny Llama: wrap")}
-    pairs = time_methods(runs, METHODS, repeats, repeats, warmup=2, device=device, desc="tiny Llama")
+            for m in tqdm(methods, desc="tiny Llama: wrap")}
+    pairs = time_methods(runs, methods, repeats, repeats, warmup=2, device=device, desc="tiny Llama")
     out = {"params": n_params, "batch": list(batch.shape), "repeats": repeats,
-           "methods": summarise(pairs, METHODS, runs)}
+           "methods": summarise(pairs, methods, runs)}
     print_table("tiny Llama: step time and ratio to PEFT LoRA", out["methods"])
+    if args.profile:
+        out["profile"] = profile_steps(runs, device)
+        print_profile("tiny Llama", out["profile"])
     return out
 
 
@@ -406,7 +476,8 @@ def run_big_linear(args, device, W: torch.Tensor, svd: SVD) -> dict:
     cache.full[weight_hash(block.proj.weight)] = svd
     x = torch.randn(tokens, n, device=device)
     big_loss = lambda model: model(x).pow(2).mean()  # noqa: E731
-    methods = [mt for mt in METHODS if mt.label != "lora-mlp"]  # one target: "mlp" and "all" are the same here
+    # one target: "mlp" and "all" are the same here
+    methods = [mt for mt in select(METHODS, args.methods) if mt.label != "lora-mlp"]
     print(f"\n(b) nn.Linear({n}, {m}), {tokens} tokens per step, {args.big_repeats} repeats "
           f"({args.big_slow_repeats} for methods over 2x slower than LoRA; PiSSA init: pissa_niter=4)")
     probe = make_probe(block, ["proj"], cache)
@@ -420,6 +491,9 @@ def run_big_linear(args, device, W: torch.Tensor, svd: SVD) -> dict:
     for row in out["methods"].values():
         row["targets"] = "proj"
     print_table(f"nn.Linear({n}, {m}), {tokens} tokens: step time and ratio to PEFT LoRA", out["methods"])
+    if args.profile:
+        out["profile"] = profile_steps(runs, device, rounds=2, steps=1)
+        print_profile(f"nn.Linear({n}, {m})", out["profile"])
     return out
 
 
@@ -441,11 +515,16 @@ def main() -> None:
                         help="tokens per step on the big linear (default 512 on CPU, 8192 on CUDA)")
     parser.add_argument("--svd-repeats", type=int, default=3, help="repeats of each randomised SVD (full: 1)")
     parser.add_argument("--sections", default="tiny,svd,big", help="comma-separated subset of tiny,svd,big")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated method labels to time (default: all); their LoRA references are added")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile a few steps per method (aten ops per step, top ops by self CPU time)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     sections = {"tiny"} if args.quick else set(args.sections.split(","))
+    select(METHODS, args.methods)  # refuse unknown labels before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -458,14 +537,14 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "OpenMP default"),
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
         "rank": args.rank,
     }
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, rank {args.rank}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'OpenMP default')}")
 
     if "tiny" in sections:
         results["tiny_llama"] = run_tiny_llama(args, device, repeats)

@@ -4,11 +4,17 @@
 With ``w = 1`` (hard) ``U_S^T dW = 0`` and ``dW V_S = 0``: the protected triplets are untouched. The soft variant
 uses ``w in [0, 1]`` per direction. ``inside=True`` is the opposite placement, an ablation:
 ``dW = s * (U_S U_S^T B) (A V_S V_S^T)`` lives entirely in the protected subspace. The projectors are never materialised:
-``P_L B = B - U_S (w * (U_S^T B))`` and ``A P_R = A - ((A V_S) * w) V_S^T``, at ``O((m + n) r |S|)``.
+``P_L B = B - U_S (w * (U_S^T B))`` and ``A P_R = A - ((A V_S) * w) V_S^T``, at ``O((m + n) r |S|)`` per forward.
+
+Step time (docs/performance.md): on small matrices the number of ops weighs as much as their FLOPs, so each projection
+is one autograd node (:class:`RowProjection`: two matmuls forward, two backward) and the update is added to the base
+output by one fused ``addmm`` (:func:`add_low_rank`), with the scale ``s`` folded into the projection rather than
+applied to the ``T x m`` output as PEFT's LoRA does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -74,6 +80,57 @@ class TopKLowRankConfig(LowRankConfig):
         return self.k
 
 
+def _project_rows(X: torch.Tensor, Q: torch.Tensor, w: torch.Tensor | None, inside: bool, scale: float) -> torch.Tensor:
+    """``s X M`` with ``M = I - Q^T diag(w) Q`` (``Q^T diag(w) Q`` when ``inside``) for the rows ``X`` (``r x d``) of a
+    factor and orthonormal rows ``Q`` (``|S| x d``; ``w = None`` means ``w = 1``); an empty ``Q`` gives ``s X`` (``0``
+    when ``inside``)."""
+    c = X @ Q.T  # r x |S|
+    if w is not None:
+        c = c * w
+    if inside:
+        return (c * scale) @ Q
+    return torch.addmm(X, c, Q, beta=scale, alpha=-scale)
+
+
+def _without_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``t``'s device while :class:`RowProjection` computes in its factors' dtype: under
+    autocast its matmuls would return bf16 in the forward, and its backward (run outside autocast) would then mix
+    bf16 gradients with fp32 factors."""
+    device = t.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
+class RowProjection(torch.autograd.Function):
+    """``X -> s X M`` of :func:`_project_rows` as one autograd node, in ``X``'s dtype (autocast or not).
+
+    ``M`` is symmetric, so the gradient is the same map applied to the output's gradient: two thin matmuls each way
+    (``X Q^T``, then ``addmm``), where autograd through ``mm``/``sub``/``t`` records six nodes.
+    """
+
+    @staticmethod
+    def forward(ctx, X: torch.Tensor, Q: torch.Tensor, w: torch.Tensor | None, inside: bool, scale: float):
+        ctx.save_for_backward(Q, w)
+        ctx.inside, ctx.scale = inside, scale
+        with _without_autocast(X):
+            return _project_rows(X, Q, w, inside, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        Q, w = ctx.saved_tensors
+        with _without_autocast(grad):
+            return _project_rows(grad.to(Q.dtype), Q, w, ctx.inside, ctx.scale), None, None, None, None
+
+
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, Bt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``y + (x A^T) Bt`` for factor rows ``Bt`` (``r x m``) and ``A`` (``r x n``), computed in the factors' dtype and
+    cast to ``y``'s; when ``y`` is already in that dtype the sum is one fused ``addmm`` on the flattened tokens
+    (``x``: ``... x n``, ``y``: ``... x m``)."""
+    h = x.to(A.dtype).reshape(-1, A.shape[1]) @ A.T
+    if y.dtype != Bt.dtype:
+        return y + (h @ Bt).view(y.shape).to(y.dtype)
+    return torch.addmm(y.reshape(-1, Bt.shape[1]), h, Bt).view(y.shape)
+
+
 class ProjectedLoRA(DerivedState):
     """Trainable ``A`` (``r x n``), ``B`` (``m x r``) whose product is kept off the protected directions; ``U_S``,
     ``V_S`` (``|S|`` columns) and ``w`` are derived state."""
@@ -109,26 +166,25 @@ class ProjectedLoRA(DerivedState):
     def V_S(self) -> torch.Tensor:
         return self.V_St.T
 
+    def factor_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((s P_L B)^T, A P_R)``: both factors as ``r``-row matrices, the layout the thin products run fastest in."""
+        return self._rows(self.scaling)
+
+    def _rows(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        project = RowProjection.apply
+        return (project(self.lora_B.T, self.U_St, self.w, self.inside, scale),
+                project(self.lora_A, self.V_St, self.w, self.inside, 1.0))
+
     def projected_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P_L B, A P_R)``, computed as ``(B^T - (B^T U_S) w U_S^T)^T`` and ``A - (A V_S) w V_S^T``; with
-        ``inside``, ``((B^T U_S) U_S^T)^T`` and ``(A V_S) V_S^T``."""
-        B, A = self.lora_B, self.lora_A
-        if self.U_St.shape[0] == 0:
-            return (B * 0, A * 0) if self.inside else (B, A)
-        Bt = B.T
-        cb = Bt @ self.U_St.T  # r x |S|
-        ca = A @ self.V_St.T  # r x |S|
-        if self.w is not None:
-            cb = cb * self.w
-            ca = ca * self.w
-        if self.inside:
-            return (cb @ self.U_St).T, ca @ self.V_St
-        return (Bt - cb @ self.U_St).T, A - ca @ self.V_St
+        """``(P_L B, A P_R)``: ``(B^T - (B^T U_S) w U_S^T)^T`` and ``A - (A V_S) w V_S^T``; with ``inside``,
+        ``((B^T U_S) w U_S^T)^T`` and ``(A V_S) w V_S^T``."""
+        Bt, A = self._rows(1.0)
+        return Bt.T, A
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s P_L B, A P_R)``: ``dW`` = their product."""
-        B, A = self.projected_factors()
-        return self.scaling * B, A
+        Bt, A = self.factor_rows()
+        return Bt.T, A
 
 
 class ProjectedLoRALayer(SpectralLayer):
@@ -140,3 +196,9 @@ class ProjectedLoRALayer(SpectralLayer):
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora.factors()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        return add_low_rank(y, x, *self.lora.factor_rows())
