@@ -145,26 +145,3 @@ class HiPLoRALayer(SpectralLayer):
         if self.merged or self.disabled:
             return y
         return add_low_rank(y, x, *self.factor_rows())
-
-    def regulariser(self) -> torch.Tensor:
-        """``R(phi) = sum_i w_i phi_i^2``."""
-        return (self.budget_w * self.hip_phi**2).sum()
-
-    def budget_use(self) -> float:
-        """``R(phi) / eps`` (infinite when ``eps = 0`` and ``phi != 0``)."""
-        R = float(self.regulariser().detach())
-        return R / self.budget_eps if self.budget_eps > 0 else (0.0 if R == 0 else float("inf"))
-
-
-@torch.no_grad()
-def project_budgets(layers: list[HiPLoRALayer]) -> None:
-    """``phi <- argmin_{R(x) <= eps} ||x - phi||`` for every layer, in one batched projection per size ``k``."""
-    by_k: dict[tuple, list[HiPLoRALayer]] = {}
-    for layer in layers:
-        by_k.setdefault((layer.hip_phi.numel(), layer.hip_phi.device), []).append(layer)
-    for group in by_k.values():
-        phi = torch.stack([layer.hip_phi for layer in group])
-        w = torch.stack([layer.budget_w for layer in group])
-        eps = torch.tensor([layer.budget_eps for layer in group], device=phi.device)
-        for layer, row in zip(group, weighted_ball_projection(phi, w, eps)):
-            layer.hip_phi.copy_(row)
