@@ -78,14 +78,19 @@ def train_adapter(base: nn.Module, tokenizer, spec: MethodSpec, pairs: Sequence[
                   settings: FinetuneSettings, seed: int, probe: Probe | None = None,
                   calibration: Callable[[nn.Module], None] | None = None, desc: str = "train",
                   progress: bool = True, checkpoint_dir: str | Path | None = None,
-                  checkpoint_every: int = CHECKPOINT_EVERY) -> tuple[nn.Module, TrainResult]:
+                  checkpoint_every: int = CHECKPOINT_EVERY, validate: Callable[[nn.Module], float] | None = None,
+                  eval_every: int | None = None, stop_score: float | None = None) -> tuple[nn.Module, TrainResult]:
     """Wrap ``base`` (modified in place) with ``spec`` and train it on ``pairs``; returns ``(model, history)``.
 
     ``checkpoint_dir``: resumable checkpoints every ``checkpoint_every`` steps (removed when training completes).
+    ``validate(model)`` (a score), if given, runs every ``eval_every`` steps and at the end; with ``stop_score``
+    training ends at the first validation scoring ``>= stop_score`` (``settings.epochs`` is then the cap; see
+    :class:`~spectral_peft.training.loop.TrainConfig`). No best state is kept: the model is the one training ended on.
     """
     model = build_model(spec, base, probe=probe, seed=seed, calibration=calibration)
     cfg = TrainConfig(epochs=settings.epochs, lr=spec.lr or settings.lr, batch_size=settings.batch_size,
                       schedule="linear", warmup_ratio=0.03, seed=seed, keep_best=False, progress=progress, desc=desc,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-    history = train(model, list(pairs), BudgetLogging(SFTObjective(tokenizer)), cfg)
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                      stop_score=stop_score)
+    history = train(model, list(pairs), BudgetLogging(SFTObjective(tokenizer)), cfg, validate=validate)
     return model, history

@@ -61,6 +61,9 @@ class TrainConfig:
     ``schedule``: ``linear`` or ``cosine`` decay to ``min_lr_ratio * lr`` after ``warmup_ratio`` of the steps, or
     ``constant``. ``eval_every``: validate every so many steps (and always at the end) when a validator is given.
     ``keep_best``: restore the trainable parameters of the best validation score at the end.
+    ``stop_score``: end training at the first validation whose score is ``>= stop_score`` (early stopping at a
+    target; needs ``eval_every``). ``epochs``/``max_steps`` are then the cap, and the learning-rate schedule is the one
+    over the cap (a run that stops early has not decayed to its end). ``None``: train to the cap.
     ``checkpoint_dir``: where resumable checkpoints go (``None``: none); ``checkpoint_every``: steps between them.
     """
 
@@ -77,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int | None = None
     keep_best: bool = True
+    stop_score: float | None = None
     progress: bool = True
     desc: str = "train"
     checkpoint_dir: str | Path | None = None
@@ -89,11 +93,16 @@ class TrainConfig:
             raise InputError("epochs and batch_size must be >= 1 and lr > 0")
         if self.checkpoint_every < 1:
             raise InputError(f"checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
+        if self.stop_score is not None and not (math.isfinite(self.stop_score) and (self.eval_every or 0) >= 1):
+            raise InputError(f"stop_score must be a finite number and needs eval_every >= 1 (validations that can stop "
+                             f"training), got stop_score={self.stop_score}, eval_every={self.eval_every}")
 
 
 @dataclass
 class TrainResult:
-    """What happened: per-step losses and logs, the validation history, and the kept step."""
+    """What happened: per-step losses and logs, the validation history, and the kept step. ``reached_stop_score``
+    (with ``TrainConfig.stop_score``, else ``None``): whether a validation reached it, ending training there; ``False``
+    means the cap was reached first."""
 
     steps: int
     losses: list[float]
@@ -101,6 +110,7 @@ class TrainResult:
     validation: list[dict[str, Any]] = field(default_factory=list)
     best_step: int | None = None
     best_score: float | None = None
+    reached_stop_score: bool | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,7 +249,11 @@ class Checkpoints:
 
 
 def _fingerprint(model: torch.nn.Module, n_data: int, total: int, cfg: TrainConfig) -> dict[str, Any]:
-    skip = ("progress", "desc", "checkpoint_dir", "checkpoint_every")
+    """The run's identity in its checkpoints. ``stop_score`` counts only when set, so a checkpoint written before the
+    field existed still resumes."""
+    skip = {"progress", "desc", "checkpoint_dir", "checkpoint_every"}
+    if cfg.stop_score is None:
+        skip.add("stop_score")
     return {"n_data": n_data, "total": total, "config": {k: v for k, v in asdict(cfg).items() if k not in skip},
             "parameters": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}}
 
@@ -254,12 +268,16 @@ def train(model, data: Sequence[Any], objective, cfg: TrainConfig | None = None,
     :mod:`.objectives`). ``validate(model)`` returns a score (higher is better) or a dict with a ``"score"`` key
     (its other entries are numbers, or lists of per-item numbers, recorded as given); it runs every ``eval_every``
     steps and at the end, in eval mode. With ``keep_best`` the best-scoring trainable state is restored at the end.
+    With ``cfg.stop_score``, training ends right after the first validation scoring ``>= stop_score`` (no further
+    validation; the model is the one at that step unless ``keep_best`` restores an earlier state).
     With ``cfg.checkpoint_dir``, training resumes from a checkpoint found there (module docstring). The model is
     left in eval mode.
     """
     cfg = cfg or TrainConfig()
     if not data:
         raise InputError("no training data")
+    if cfg.stop_score is not None and validate is None:
+        raise InputError("stop_score needs a validator (validate=...) whose score is compared with it")
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -292,7 +310,8 @@ def train(model, data: Sequence[Any], objective, cfg: TrainConfig | None = None,
         result = TrainResult(steps=step, losses=saved["losses"], logs=saved["logs"], validation=saved["validation"],
                              best_step=saved["best_step"], best_score=saved["best_score"])
 
-    def run_validation(step: int) -> None:
+    def run_validation(step: int) -> bool:
+        """Validate at ``step``; whether the score reached ``cfg.stop_score``."""
         nonlocal best_state
         model.eval()
         with torch.no_grad():
@@ -305,6 +324,7 @@ def train(model, data: Sequence[Any], objective, cfg: TrainConfig | None = None,
             result.best_score, result.best_step = out["score"], step
             if cfg.keep_best:
                 best_state = trainable_state(model)
+        return cfg.stop_score is not None and out["score"] >= cfg.stop_score
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         opt_json, opt_tensors = _split_optimizer(optimizer)
@@ -320,6 +340,7 @@ def train(model, data: Sequence[Any], objective, cfg: TrainConfig | None = None,
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(total=total, initial=step, desc=cfg.desc, disable=not cfg.progress, unit="step")
+    stopped = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_batch if epoch == start_epoch else 0
@@ -342,11 +363,15 @@ def train(model, data: Sequence[Any], objective, cfg: TrainConfig | None = None,
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", epoch=epoch + 1)
                 if validate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                    run_validation(step)
+                    stopped = run_validation(step)
+                    if stopped:
+                        break
                 if checkpoints is not None and step % cfg.checkpoint_every == 0 and step < total:
                     save_checkpoint(epoch, batch + 1)
-        if validate is not None:
-            run_validation(step)
+            if stopped:
+                break
+        if validate is not None and not stopped:
+            stopped = run_validation(step)
     finally:
         bar.close()
     if cfg.keep_best and best_state is not None and result.best_step != step:
@@ -354,6 +379,7 @@ def train(model, data: Sequence[Any], objective, cfg: TrainConfig | None = None,
     if checkpoints is not None:
         checkpoints.remove()
     result.steps = step
+    result.reached_stop_score = stopped if cfg.stop_score is not None else None
     result.seconds = seconds_before + time.perf_counter() - t0
     model.eval()
     return result
