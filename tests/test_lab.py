@@ -187,7 +187,8 @@ def test_lab_check_writes_every_key_and_verdict(checkpoint, identity_probe, tmp_
     module = recipe("lab-check")
     cfg = module.Config(model=checkpoint, skills=("math", "science"), n_problems=6, probe=identity_probe, n_expert=6,
                         regime=RegimeSettings(n_train=4, r=1, epochs=1, batch_size=4), tasks=("sort",), n_tasks=4,
-                        progress=False)
+                        n_controls=4, n_rehearsal=4, seed_probes=(identity_probe,), null_probe=identity_probe,
+                        n_fisher=4, progress=False)
     execute("lab-check", cfg, tmp_path / "lab")
     lab = json.loads((tmp_path / "lab" / "lab.json").read_text())
     assert lab["expert_gain"]["estimate"] == 0.0 and lab["expert_gain"]["n"] == 6
@@ -200,9 +201,16 @@ def test_lab_check_writes_every_key_and_verdict(checkpoint, identity_probe, tmp_
     fro = lab["lora_update_fro_ratio"]
     assert fro["p10"] <= fro["median"] <= fro["p90"] and fro["n"] == len(target_shapes(ModelSource(checkpoint).fresh(),
                                                                                       "mlp"))
-    assert lab["positive_control"] is None and lab["positive_control_reason"]
+    pos = lab["positive_control"]
+    assert pos["n"] == 4 and {"estimate", "ci_low", "ci_high"} <= set(pos) and pos["ci_low"] <= pos["estimate"]
+    assert set(lab["negative_controls"]) == set(cfg.negative)
+    evidence = lab["probe_evidence"]  # a probe against itself overlaps fully; sets at its sizes stay above 0
+    assert evidence["stability"]["pooled"] == 1.0 and evidence["null"]["pooled"] == 1.0
+    assert evidence["null"]["pooled_chance"] < 1.0
+    assert {"probe", "sigma"} <= set(evidence["fisher"]) and {"probe", "sigma"} <= set(evidence["sigma_aware"])
     assert lab["mergefail_fail_rates"] == {} and lab["mergefail_fail_rates_reason"]
-    assert [lab["criteria"][c]["status"] for c in "def"] == [NOT_MEASURED, NOT_MEASURED, FAIL]
+    assert [lab["criteria"][c]["status"] for c in "df"] == [NOT_MEASURED, FAIL]
+    assert lab["criteria"]["e"]["status"] == (PASS if pos["ci_low"] > 0 else FAIL)
     assert lab["settings"]["n_problems"] == 6 and lab["settings"]["regime"]["r"] == 1
     metrics = json.loads((tmp_path / "lab" / "metrics.json").read_text())
     assert len(metrics["items"]["skills"]["math"]["correct"]) == 6
@@ -218,3 +226,23 @@ def test_lab_check_config_fails_before_any_work(identity_probe):
     with pytest.raises(MissingInputError):
         module.Config(probe="/no/such/svf-run").validate()
     assert module.Config(probe=identity_probe).probe_skill() == "math"
+
+
+def test_lab_check_reads_pooled_fail_rates_of_a_mergefail_run(tmp_path):
+    """Only the rates pooled over merge sizes (t = None) count, keyed method|operator, with their distinct counts."""
+    module = recipe("lab-check")
+    rate = {"estimate": 0.25, "low": 0.1, "high": 0.4, "method": "wilson", "confidence": 0.95}
+    rows = [{"method": "lora", "operator": "sum", "t": None, "n": 40, "n_distinct": 12, "n_used": 12, "rate": rate},
+            {"method": "lora", "operator": "sum", "t": 2, "n": 20, "n_distinct": 6, "n_used": 6,
+             "rate": {**rate, "estimate": 1.0}}]
+    (tmp_path / "metrics.json").write_text(json.dumps({"summary": {"rates": rows}}))
+    assert module.mergefail_rates(str(tmp_path)) == {"lora|sum": {"rate": 0.25, "ci_low": 0.1, "ci_high": 0.4,
+                                                                  "n_distinct": 12}}
+    verdict = tasks_verdict({f"t{i}": 0.4 for i in range(6)}, {"lora|sum": 0.25})
+    assert verdict.status == PASS
+    assert tasks_verdict({f"t{i}": 0.4 for i in range(6)}, {"lora|sum": 1.0}).status == FAIL
+    (tmp_path / "metrics.json").write_text(json.dumps({"summary": {"rates": rows[1:]}}))
+    with pytest.raises(InputError, match="no pooled fail rates"):
+        module.mergefail_rates(str(tmp_path))
+    with pytest.raises(MissingInputError):
+        module.Config(mergefail=str(tmp_path / "nothing")).validate()

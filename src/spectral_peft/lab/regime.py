@@ -47,6 +47,9 @@ class RegimeSettings:
         epochs: passes over the training pairs.
         batch_size: pairs per step.
         n_eval: test problems scored before and after (task data only; facts are scored on the trained facts).
+        recall_target: facts only: stop at the first check where recall of the trained facts reaches this (0: train
+            all epochs, which are otherwise the cap), so the update is measured at a matched, sub-ceiling recall.
+        check_every: steps between those recall checks.
     """
 
     data: str = FACTS
@@ -57,10 +60,16 @@ class RegimeSettings:
     epochs: int = 20
     batch_size: int = 8
     n_eval: int = 200
+    recall_target: float = 0.0
+    check_every: int = 8
 
     def validate(self, allow_code_execution: bool = False) -> None:
-        if min(self.n_train, self.r, self.epochs, self.batch_size, self.n_eval) < 1:
-            raise InputError("regime sizes (n_train, r, epochs, batch_size, n_eval) must be >= 1")
+        if min(self.n_train, self.r, self.epochs, self.batch_size, self.n_eval, self.check_every) < 1:
+            raise InputError("regime sizes (n_train, r, epochs, batch_size, n_eval, check_every) must be >= 1")
+        if not 0 <= self.recall_target <= 1:
+            raise InputError(f"regime.recall_target must lie in [0, 1], got {self.recall_target}")
+        if self.recall_target and not (self.data == FACTS or self.data.startswith(f"{FACTS}:")):
+            raise InputError("regime.recall_target stops a fact injection; it needs data=facts or facts:PATH")
         if not (np.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"regime.lr must be a positive number, got {self.lr}")
         if self.targets not in TARGETS:
@@ -88,6 +97,7 @@ class RegimeMeasure:
     learned_after: list[float]
     learned_metric: str
     steps: int
+    reached_target: bool | None
     first_loss: float
     last_loss: float
     seconds: float
@@ -116,7 +126,7 @@ def _norms(model, names: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _training_data(settings: RegimeSettings, tokenizer, chat_template: str, allow_code_execution: bool, seed: int
+def training_data(settings: RegimeSettings, tokenizer, chat_template: str, allow_code_execution: bool, seed: int
                    ) -> tuple[list[tuple[str, str]], Callable[[Any, bool], list[float]], str]:
     """Training pairs, a scorer ``(model, progress) -> per-item 0/1`` of what they teach, and its name."""
     if settings.data == FACTS or settings.data.startswith(f"{FACTS}:"):
@@ -140,16 +150,33 @@ def _training_data(settings: RegimeSettings, tokenizer, chat_template: str, allo
     return pairs, score_task, f"{task.name} test accuracy"
 
 
+def train_at(settings: RegimeSettings, base, tokenizer, spec: MethodSpec, pairs: list[tuple[str, str]],
+             score: Callable[[Any, bool], list[float]], seed: int, probe=None, desc: str = "regime",
+             progress: bool = True):
+    """Train ``spec`` on ``pairs`` from ``base`` (wrapped in place) at the regime's schedule; with a
+    ``recall_target``, stop at the first check (every ``check_every`` steps) where the mean of ``score`` (what the
+    pairs teach) reaches it. Returns ``(model, history)``."""
+    train = FinetuneSettings(n_train=len(pairs), n_eval=1, epochs=settings.epochs, lr=settings.lr,
+                             batch_size=settings.batch_size)
+    target = settings.recall_target or None
+
+    def score_now(model) -> float:
+        return float(np.mean(score(model, False)))
+
+    return train_adapter(base, tokenizer, spec, pairs, train, seed, probe=probe, desc=desc, progress=progress,
+                         validate=score_now if target else None, eval_every=settings.check_every if target else None,
+                         stop_score=target)
+
+
 def measure_regime(base, tokenizer, settings: RegimeSettings, seed: int = 0, chat_template: str = "auto",
                    allow_code_execution: bool = False, progress: bool = True) -> RegimeMeasure:
     """Train the calibration LoRA on ``base`` (wrapped in place) and measure its updates (module docstring)."""
     spec = settings.spec()
-    pairs, score, metric = _training_data(settings, tokenizer, chat_template, allow_code_execution, seed)
+    pairs, score, metric = training_data(settings, tokenizer, chat_template, allow_code_execution, seed)
     norms = _norms(base, list(target_shapes(base, spec.targets)))
     before = score(base, progress)
-    train = FinetuneSettings(n_train=len(pairs), n_eval=1, epochs=settings.epochs, lr=settings.lr,
-                             batch_size=settings.batch_size)
-    model, history = train_adapter(base, tokenizer, spec, pairs, train, seed, desc="regime lora", progress=progress)
+    model, history = train_at(settings, base, tokenizer, spec, pairs, score, seed, desc="regime lora",
+                              progress=progress)
     deltas = adapter_deltas(model)
     missing = sorted(set(deltas) - set(norms))
     if missing:
@@ -160,5 +187,6 @@ def measure_regime(base, tokenizer, settings: RegimeSettings, seed: int = 0, cha
         spectral[name] = float(torch.linalg.matrix_norm(dW.float(), ord=2)) / norms[name][1]
     return RegimeMeasure(spec=spec.to_dict(), settings=settings, n_pairs=len(pairs), fro_ratio=fro,
                          spectral_ratio=spectral, learned_before=before, learned_after=score(model, progress),
-                         learned_metric=metric, steps=history.steps, first_loss=history.losses[0],
+                         learned_metric=metric, steps=history.steps, reached_target=history.reached_stop_score,
+                         first_loss=history.losses[0],
                          last_loss=history.losses[-1], seconds=history.seconds)
