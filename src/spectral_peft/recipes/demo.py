@@ -177,7 +177,9 @@ def run(cfg: Config, run: RunDir) -> Result:
             model.save_pretrained(run.file(f"adapters/{safe_name(spec.label)}"))
         outcomes[spec.label] = evaluate_injection(model, tok, suite, cfg.progress)
         training[spec.label] = {"trainable_parameters": count_trainable(model), "steps": history.steps,
-                                "train_seconds": history.seconds, "losses": history.losses}
+                                "train_seconds": history.seconds, "losses": history.losses,
+                                "recall_checks": history.validation,
+                                "reached_recall_target": history.reached_stop_score}
     return Result(model=source.name, skill=task.name, seed=cfg.seed, specs=specs,
                   svf=trained.metrics(source.n_parameters), svf_losses=trained.history.losses,
                   svf_validation=trained.history.validation, probe=probe, singular_values=trained.singular_values,

@@ -134,6 +134,8 @@ class Result:
     n_train_pairs: int
     losses: list[float]
     train_seconds: float
+    recall_checks: list[dict[str, Any]]
+    reached_recall_target: bool | None
     train: InjectSettings
     eval: EvalSettings
 
@@ -152,7 +154,8 @@ class Result:
                 "summary": self.summary(), "trainable_parameters": self.trainable_parameters,
                 "n_base_parameters": self.n_base_parameters, "probe_overhead": self.probe_overhead,
                 "n_train_pairs": self.n_train_pairs, "steps": len(self.losses), "train_seconds": self.train_seconds,
-                "first_loss": self.losses[0], "last_loss": self.losses[-1],
+                "first_loss": self.losses[0], "last_loss": self.losses[-1], "recall_checks": self.recall_checks,
+                "reached_recall_target": self.reached_recall_target,
                 "items": {"expert": self.expert.to_dict(), "injected": self.injected.to_dict()}}
 
 
@@ -178,7 +181,18 @@ def run(cfg: Config, run: RunDir) -> Result:
                   trainable_parameters=count_trainable(model), n_base_parameters=n_base,
                   probe_overhead=probe.num_parameters() / n_base if spec.needs_probe else 0.0,
                   n_train_pairs=len(split.training_pairs(cfg.train.paraphrases)), losses=history.losses,
-                  train_seconds=history.seconds, train=cfg.train, eval=cfg.eval)
+                  train_seconds=history.seconds, recall_checks=history.validation,
+                  reached_recall_target=history.reached_stop_score, train=cfg.train, eval=cfg.eval)
+
+
+def _stopping(result: Result) -> str:
+    """How a recall target ended training ('' without one)."""
+    if result.reached_recall_target is None:
+        return ""
+    target = result.train.recall_target
+    if result.reached_recall_target:
+        return f"; stopped at recall {result.recall_checks[-1]['score']:.0%} >= the target {target:.0%}"
+    return f"; did not reach the recall target {target:.0%} within the {result.train.epochs}-epoch cap"
 
 
 def render(result: Result, run: RunDir) -> str:
@@ -194,7 +208,7 @@ def render(result: Result, run: RunDir) -> str:
              f"injected ({m['n_mix']} HighlyKnown mixed in), {m['n_retain']} HighlyKnown facts held out; categories "
              f"of the probed candidates: {result.split.counts}.", "",
              f"Training: {t.epochs} epochs at lr {result.spec.lr or t.lr}, batch {t.batch_size} ({m['steps']} steps, "
-             f"{result.train_seconds:.0f} s). Evaluation: {e.n_skill} test problems per skill "
+             f"{result.train_seconds:.0f} s){_stopping(result)}. Evaluation: {e.n_skill} test problems per skill "
              f"({', '.join(result.skills)}), {e.n_ppl} held-out documents.", "",
              "Estimates with 95% intervals (Wilson for recall and accuracies, bootstrap over items for paraphrase "
              "recall and the retention ratios, whose denominator, the expert's score, is held fixed):", "",

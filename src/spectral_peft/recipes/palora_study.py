@@ -181,7 +181,8 @@ def _method_unit(cfg: Config, source: ModelSource, spec: MethodSpec, probe, suit
     model, history = train_injection(source.fresh(), tok, spec, suite, cfg.train, seed, probe, cfg.progress)
     return {"outcome": evaluate_injection(model, tok, suite, cfg.progress).to_dict(),
             "trainable_parameters": count_trainable(model), "steps": history.steps, "train_seconds": history.seconds,
-            "first_loss": history.losses[0], "last_loss": history.losses[-1]}
+            "first_loss": history.losses[0], "last_loss": history.losses[-1],
+            "recall_checks": history.validation, "reached_recall_target": history.reached_stop_score}
 
 
 def run(cfg: Config, run: RunDir) -> Result:
