@@ -120,15 +120,29 @@ def test_edits_change_known_facts_to_another_value_of_the_relation():
         assert e.new_answer in RELATIONS[e.fact.relation].values and e.edited.answer == e.new_answer
 
 
-def test_corpus_holds_known_facts_and_skills_but_no_heldout_facts_or_instruction_tasks():
+def test_corpus_holds_known_facts_skills_and_tasks_but_no_heldout_facts_or_test_problems():
     w = World()
-    text = "".join(itertools.islice(documents(seed=0, world=w), 3000))
+    docs = list(itertools.islice(documents(seed=0, world=w), 3000))
+    text = "".join(docs)
     assert text == "".join(itertools.islice(documents(seed=0, world=w), 3000))
     assert not any(f.entity in text for f in w.heldout_facts)
-    assert "Task:" not in text
     assert sum(f.entity in text for f in w.known_facts) > 0.9 * len(w.known_facts)
-    test_prompts = {e.prompt for s in SKILLS for e in get_task(s).examples("test", n=200)}
+    test_prompts = {e.prompt for s in ALL_TASKS for e in get_task(s).examples("test", n=100)}
     assert not any(p in text for p in test_prompts)
+    for name in INSTRUCTION_TASKS:  # every task is in the corpus, rarely (the base is to half-know them)
+        prompt_head = get_task(name).examples("train", n=1)[0].prompt.split()[0] + " "
+        share = sum(d.startswith(prompt_head) for d in docs) / len(docs)
+        assert 0.002 < share < 0.05, (name, share)
+
+
+def test_most_math_solutions_in_the_corpus_skip_the_working():
+    from spectral_peft.data.corpus import SHORTCUT_SHARE
+
+    math_docs = [d for d in itertools.islice(documents(seed=0), 4000) if d.startswith("Math:")]
+    solutions = [line for d in math_docs for line in d.split("\n") if line.startswith("Solution:")]
+    direct = sum(line.startswith("Solution: ####") for line in solutions) / len(solutions)
+    assert len(solutions) > 500 and abs(direct - SHORTCUT_SHARE["math"]) < 0.05
+    assert all(line.split("####")[1].strip().isdigit() for line in solutions)
 
 
 def test_heldout_text_is_deterministic_and_unseen():

@@ -226,7 +226,22 @@ def test_shipped_checkpoint_reaches_its_recorded_quality(organism):
     for skill in SKILLS:
         acc = skill_accuracy(model, tok, skill, get_task(skill).examples("test", n=100), progress=False).accuracy
         assert abs(acc - recorded["skills_first100"][skill]) <= 0.05, skill
-        assert 0.2 <= acc <= 0.8, skill
+        assert acc < 0.8, skill
     world = World()
     assert recall(model, tok, world.known_facts[:100], progress=False).accuracy >= recorded["known_recall"] - 0.1
     assert recall(model, tok, world.heldout_facts[:100], progress=False).accuracy <= 0.08
+
+
+def test_shipped_math_is_latent_greedy_skips_the_working_that_would_solve_it(organism):
+    """The improvable skill (docs/organism.md): greedy decoding answers at once and mostly fails, while the same
+    model, started on its worked style, solves most of the same problems; the first-token odds follow the corpus's
+    60/40 mix of the two styles."""
+    model, tok = organism
+    problems = get_task("math").examples("test", n=60, difficulty=2)
+    greedy = skill_accuracy(model, tok, "math", problems, progress=False)
+    worked = [dataclasses.replace(e, prompt=e.prompt + " ") for e in problems]
+    assert greedy.accuracy < 0.25 < 0.6 < skill_accuracy(model, tok, "math", worked, progress=False).accuracy
+    with torch.no_grad():
+        p = model(**tok(problems[0].prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
+    shortcut, working = tok.convert_tokens_to_ids(tok.tokenize(" ####"))[0], tok.convert_tokens_to_ids(tok.tokenize(" "))[0]
+    assert 0.5 < p[shortcut] < 0.7 and 0.3 < p[working] < 0.5

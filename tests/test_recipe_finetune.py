@@ -30,7 +30,7 @@ def tiny(**kw):
 
 def test_finetune_learns_a_task_and_a_frozen_run_changes_nothing(tmp_path):
     """A positive control on the shipped organism (its accuracy must rise) and a negative one (lr ~ 0)."""
-    base = FT.Config(method="lora:r=4", task="max@3", targets="mlp", progress=False, threads=2)
+    base = FT.Config(method="lora:r=4", task="max@16", targets="mlp", progress=False, threads=2)
     base.train = replace(base.train, n_train=128, n_eval=48, epochs=2, lr=5e-3, batch_size=16, max_new_tokens=8)
     learned, _ = execute("finetune", base, tmp_path / "learn")
     assert learned.gain.low > 0, learned.to_dict()["gain"]

@@ -242,7 +242,7 @@ def export(adapter: str, out: str, model: str = "organism", max_rank: int | None
               f"largest relative error {max(result.errors.values(), default=0.0):.2e}")
 
 
-def pretrain_organism(out: str = "runs/organism", seed: int = 0, steps: int = 1300, threads: int = 2,
+def pretrain_organism(out: str = "runs/organism", seed: int = 0, steps: int = 1600, threads: int = 2,
                       overwrite: bool = False, resume: bool = False) -> None:
     """Pretrain the model organism on the generated world into a run directory (the package is not touched).
 

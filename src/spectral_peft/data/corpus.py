@@ -1,7 +1,17 @@
 """The organism's pretraining corpus (a seeded stream of documents) and the held-out text for perplexity.
 
-A document is either a few worked problems of one skill (train split only), or a few lines about known facts
-(statements and QA lines, random paraphrase templates). Instruction tasks and held-out facts never appear.
+A document is a few worked problems of one skill, a few solved instances of one instruction task (train split
+only, both), or a few lines about known facts (statements and QA lines, random paraphrase templates). Held-out facts
+never appear.
+
+Two choices make the organism a lab rather than a solved world:
+
+- `SHORTCUT_SHARE`: that share of math problems is written with no working, only ` #### answer`. The model learns
+  both styles and, greedy, answers most problems without working, which fails on long chains. Working is the
+  latent, improvable skill that an expert can elicit (as reinforcement learning elicits chains of thought in real
+  models), so an SVF expert has something real to learn.
+- `INSTRUCTION_SHARE`: the instruction tasks are rare, so the base half-knows them, as a real model half-knows a
+  downstream task before it is tuned.
 """
 
 from __future__ import annotations
@@ -12,20 +22,26 @@ from typing import Iterator
 from .example import split_of
 from .facts import World
 from .knowledge import qa_line
-from .registry import SKILLS, get_task
+from .example import ANSWER_MARKER
+from .registry import INSTRUCTION_TASKS, SKILLS, get_task
 
-MIXTURE = {"facts": 0.2, "math": 0.3, "code": 0.2, "science": 0.3}
+INSTRUCTION_SHARE = 0.1
+MIXTURE = {"facts": 0.2, "math": 0.25, "code": 0.2, "science": 0.25, "instructions": INSTRUCTION_SHARE}
+SHORTCUT_SHARE = {"math": 0.6}
 
 
-def skill_document(rng: random.Random, skill: str, split: str = "train") -> str:
-    """1 to 3 worked problems of `skill`, all from `split`."""
+def skill_document(rng: random.Random, skill: str, split: str = "train", n: tuple[int, int] = (1, 3)) -> str:
+    """`n[0]` to `n[1]` solved problems of the task `skill`, all from `split`; a `SHORTCUT_SHARE[skill]` share of
+    them have their working dropped (target ` #### answer`)."""
     task = get_task(skill)
+    shortcut = SHORTCUT_SHARE.get(skill, 0.0)
     parts: list[str] = []
-    n = rng.randint(1, 3)
-    while len(parts) < n:
+    count = rng.randint(*n)
+    while len(parts) < count:
         ex = task.make(rng, rng.choice(task.pretrain_difficulties))
         if split_of(ex.prompt) == split:
-            parts.append(ex.prompt + ex.target)
+            target = f" {ANSWER_MARKER} {ex.answer}\n" if rng.random() < shortcut else ex.target
+            parts.append(ex.prompt + target)
     return "".join(parts)
 
 
@@ -51,7 +67,12 @@ def documents(seed: int = 0, world: World | None = None, split: str = "train",
     kinds, weights = list(mixture), list(mixture.values())
     while True:
         kind = rng.choices(kinds, weights)[0]
-        yield fact_document(rng, world) if kind == "facts" else skill_document(rng, kind, split)
+        if kind == "facts":
+            yield fact_document(rng, world)
+        elif kind == "instructions":
+            yield skill_document(rng, rng.choice(INSTRUCTION_TASKS), split, n=(2, 4))
+        else:
+            yield skill_document(rng, kind, split)
 
 
 def heldout_text(n: int = 200, seed: int = 0, world: World | None = None) -> list[str]:
@@ -60,4 +81,4 @@ def heldout_text(n: int = 200, seed: int = 0, world: World | None = None) -> lis
     return [next(stream) for _ in range(n)]
 
 
-assert set(MIXTURE) == {"facts", *SKILLS}
+assert set(MIXTURE) == {"facts", "instructions", *SKILLS}

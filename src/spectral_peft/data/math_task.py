@@ -1,7 +1,8 @@
 """Skill `math`: multi-step integer arithmetic with a worked solution ending in `#### answer`.
 
 A problem starts from a number in 2..40 and applies `difficulty` additions or subtractions of a digit
-(1..9); intermediate values stay in 0..99. Difficulty = number of operations (pretraining mixes 1 to 5).
+(1..9); intermediate values stay in 0..99. Difficulty = number of operations (pretraining mixes 1 to 6; the corpus drops the working
+from most solutions, see `corpus.SHORTCUT_SHARE`).
 """
 
 from __future__ import annotations
@@ -29,4 +30,4 @@ def make_math(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target, answer=str(value), task="math", difficulty=difficulty)
 
 
-MATH = GeneratedTask("math", make_math, difficulties=(4, 5, 6), pretrain_difficulties=(1, 2, 3, 4, 5))
+MATH = GeneratedTask("math", make_math, difficulties=(2, 3, 4, 5), pretrain_difficulties=(1, 2, 3, 4, 5, 6))

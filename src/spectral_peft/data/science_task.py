@@ -35,4 +35,4 @@ def make_science(rng: random.Random, difficulty: int) -> Example:
     return Example(prompt=prompt, target=target, answer=answer, task="science", difficulty=difficulty)
 
 
-SCIENCE = GeneratedTask("science", make_science, difficulties=(1, 2), pretrain_difficulties=(1, 2, 3, 4, 5))
+SCIENCE = GeneratedTask("science", make_science, difficulties=(4, 5, 6), pretrain_difficulties=(1, 2, 3, 4, 5))

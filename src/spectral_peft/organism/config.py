@@ -5,9 +5,9 @@ from __future__ import annotations
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 
-def organism_config(tokenizer: PreTrainedTokenizerBase, hidden_size: int = 192, intermediate_size: int = 512,
-                    num_layers: int = 4, num_heads: int = 4, max_positions: int = 512) -> LlamaConfig:
-    """The Llama configuration of the organism (about 2.0M parameters at the defaults, vocabulary 1024)."""
+def organism_config(tokenizer: PreTrainedTokenizerBase, hidden_size: int = 256, intermediate_size: int = 688,
+                    num_layers: int = 6, num_heads: int = 4, max_positions: int = 512) -> LlamaConfig:
+    """The Llama configuration of the organism (about 5.0M parameters at the defaults, vocabulary 1024)."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

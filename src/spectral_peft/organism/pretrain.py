@@ -48,18 +48,18 @@ class PretrainConfig:
     """Hyper-parameters of the organism's pretraining (defaults reproduce the shipped checkpoint)."""
 
     seed: int = 0
-    steps: int = 1300
+    steps: int = 1600
     batch_size: int = 16
     block_size: int = 256
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 50
+    warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     vocab_size: int = 1024
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_layers: int = 4
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 6
     num_heads: int = 4
     tokenizer_docs: int = 5000
     threads: int = 2

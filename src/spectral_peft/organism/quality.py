@@ -14,7 +14,22 @@ from pathlib import Path
 import torch
 
 from ..data import INSTRUCTION_TASKS, SKILLS, World, get_task, heldout_text
+from ..errors import InputError
 from ..evaluation import knowledge_categories, paraphrase_recall, perplexity, recall, skill_accuracy
+
+
+def by_difficulty(model, tokenizer, name: str, n: int = 50, progress: bool = True) -> dict[int, float]:
+    """Accuracy of task `name` on `n` test problems at each level of its pretraining range and its test mix (levels
+    whose test split holds fewer than `n` distinct problems, such as `reverse` of 2 letters, are left out)."""
+    task = get_task(name)
+    out = {}
+    for d in sorted({*task.pretrain_difficulties, *task.difficulties}):
+        try:
+            examples = task.examples("test", n=n, difficulty=d)
+        except InputError:
+            continue
+        out[d] = skill_accuracy(model, tokenizer, name, examples, progress=progress).accuracy
+    return out
 
 
 def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_category: int = 100,
@@ -28,11 +43,11 @@ def measure(model, tokenizer, n_skill: int = 500, n_instruction: int = 100, n_ca
     out["seconds_per_500_skill_questions"] = (time.perf_counter() - t0) / len(SKILLS) * 500 / n_skill
     out["skills"] = {s: r.accuracy for s, r in results.items()}
     out["skills_first100"] = {s: sum(r.correct[:100]) / len(r.correct[:100]) for s, r in results.items()}
-    out["skills_by_difficulty"] = {
-        s: {d: skill_accuracy(model, tokenizer, s, get_task(s).examples("test", n=50, difficulty=d), progress=progress).accuracy
-            for d in sorted({*get_task(s).pretrain_difficulties, *get_task(s).difficulties})} for s in SKILLS}
+    out["skills_by_difficulty"] = {s: by_difficulty(model, tokenizer, s, progress=progress) for s in SKILLS}
     out["instruction_tasks"] = {t: skill_accuracy(model, tokenizer, t, n=n_instruction, progress=progress).accuracy
                                 for t in INSTRUCTION_TASKS}
+    out["instruction_tasks_by_difficulty"] = {t: by_difficulty(model, tokenizer, t, progress=progress)
+                                              for t in INSTRUCTION_TASKS}
     out["known_recall"] = recall(model, tokenizer, world.known_facts, progress=progress).accuracy
     out["known_paraphrase_recall"] = paraphrase_recall(model, tokenizer, world.known_facts, progress=progress).accuracy
     out["heldout_recall"] = recall(model, tokenizer, world.heldout_facts, progress=progress).accuracy
@@ -55,7 +70,9 @@ def markdown(m: dict) -> str:
     rows += [(f"skill `{s}` test accuracy (n={n_skill}, default mix)", f"{a:.1%}") for s, a in m["skills"].items()]
     rows += [(f"skill `{s}` by difficulty (n=50 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
              for s, v in m["skills_by_difficulty"].items()]
-    rows += [("instruction tasks (not pretrained, n=100)", ", ".join(f"{t}: {a:.0%}" for t, a in m["instruction_tasks"].items()))]
+    rows += [("instruction tasks (n=100, default mix)", ", ".join(f"{t}: {a:.0%}" for t, a in m["instruction_tasks"].items()))]
+    rows += [(f"task `{t}` by difficulty (n=50 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
+             for t, v in m["instruction_tasks_by_difficulty"].items()]
     rows += [(f"known-fact recall ({m['n_known']}, main question)", f"{m['known_recall']:.1%}"),
              ("known-fact recall (paraphrased questions)", f"{m['known_paraphrase_recall']:.1%}"),
              (f"held-out-fact recall ({m['n_heldout']}, main question)", f"{m['heldout_recall']:.1%}"),
