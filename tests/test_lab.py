@@ -106,7 +106,8 @@ def test_regime_ratios_are_peft_updates_over_the_base_weights(checkpoint, monkey
         return trained["model"], history
 
     monkeypatch.setattr(regime_module, "train_adapter", keep)
-    settings = RegimeSettings(data="sort", n_train=8, r=2, epochs=1, batch_size=4, lr=1e-2, n_eval=4)
+    settings = RegimeSettings(data="sort", n_train=8, r=2, targets="mlp", epochs=1, batch_size=4, lr=1e-2, n_eval=4,
+                              recall_target=0.0)
     m = measure_regime(source.fresh(), source.tokenizer, settings, progress=False)
     base = source.fresh()
     assert set(m.fro_ratio) == set(target_shapes(base, "mlp")) and m.spec["r"] == 2
@@ -186,7 +187,8 @@ def test_tasks_verdict_needs_six_half_known_tasks_and_a_fail_rate_off_the_floor_
 def test_lab_check_writes_every_key_and_verdict(checkpoint, identity_probe, tmp_path):
     module = recipe("lab-check")
     cfg = module.Config(model=checkpoint, skills=("math", "science"), n_problems=6, probe=identity_probe, n_expert=6,
-                        regime=RegimeSettings(n_train=4, r=1, epochs=1, batch_size=4), tasks=("sort",), n_tasks=4,
+                        regime=RegimeSettings(n_train=4, r=1, targets="mlp", epochs=1, batch_size=4), tasks=("sort",),
+                        n_tasks=4,
                         n_controls=4, n_rehearsal=4, seed_probes=(identity_probe,), null_probe=identity_probe,
                         n_fisher=4, progress=False)
     execute("lab-check", cfg, tmp_path / "lab")

@@ -31,7 +31,7 @@ from helpers import save_tiny_organism
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TWIN = "lora:r=2"  # the reference's own spec written out: an arm identical to LoRA
-SETTINGS = RegimeSettings(n_train=4, r=2, epochs=2, batch_size=4, lr=1e-2)
+SETTINGS = RegimeSettings(n_train=4, r=2, targets="mlp", epochs=2, batch_size=4, lr=1e-2, recall_target=0.0)
 N, N_REHEARSAL = 8, 4
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
 
@@ -166,8 +166,8 @@ def test_the_result_round_trips_through_json(run):
 
 def _measure(lora, rehearsal, expert, twin=None) -> ControlsMeasure:
     def arm(correct):
-        return Arm(spec={"label": "lora"}, n_pairs=4, correct=correct, learned=[1.0, 0.0], steps=1, reached_target=None, first_loss=1.0,
-                   last_loss=0.5, seconds=0.0)
+        return Arm(spec={"label": "lora"}, n_pairs=4, correct=correct, learned=[1.0, 0.0], steps=1, reached_target=None,
+                   first_loss=1.0, last_loss=0.5, seconds=0.0)
 
     arms = {REFERENCE: arm(lora), REHEARSAL: arm(rehearsal), **({TWIN: arm(twin)} if twin else {})}
     return ControlsMeasure("math", "", SETTINGS, 4, "recall", expert, [0.0, 0.0], arms)

@@ -42,7 +42,8 @@ def tiny(tokenizer, seed=0):
 
 
 def probe_of(scales: dict[str, torch.Tensor], base_tag: str = "base") -> Probe:
-    return Probe(scales=scales, base={n: {"shape": [z.numel(), z.numel()], "hash": base_tag} for n, z in scales.items()})
+    base = {n: {"shape": [z.numel(), z.numel()], "hash": base_tag} for n, z in scales.items()}
+    return Probe(scales=scales, base=base)
 
 
 def random_probe(seed: int, matrices: int = 40, n: int = 64) -> Probe:

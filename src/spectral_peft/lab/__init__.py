@@ -22,7 +22,8 @@ from .regime import RegimeMeasure, RegimeSettings, measure_regime, spread
 from .skills import SkillMeasure, measure_skill
 
 __all__ = [
-    "Arm", "ControlsMeasure", "DEFAULT_NEGATIVE", "REHEARSAL", "measure_controls", "Chance", "ExpertMeasure", "FAIL", "GoldNLL", "NOT_MEASURED", "PASS", "RegimeMeasure", "RegimeSettings",
+    "Arm", "ControlsMeasure", "DEFAULT_NEGATIVE", "REHEARSAL", "measure_controls", "Chance", "ExpertMeasure", "FAIL",
+    "GoldNLL", "NOT_MEASURED", "PASS", "RegimeMeasure", "RegimeSettings",
     "SkillMeasure", "Verdict", "chance_level", "gold_nll", "measure_expert", "measure_regime", "measure_skill",
     "spread", "Overlap", "Stability", "chance_jaccard", "chance_pooled_jaccard", "fisher_scores", "jaccard",
     "matched_sets", "overlap", "protected_sets", "score_overlap", "set_overlap", "sigma_aware_scores",

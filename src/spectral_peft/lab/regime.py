@@ -35,7 +35,9 @@ FACTS = "facts"
 
 @dataclass
 class RegimeSettings:
-    """The LoRA calibration fine-tune whose update size is measured (defaults: the demo's injection of 64 facts).
+    """The LoRA calibration fine-tune whose update size is measured. The defaults are the lab's calibrated regime
+    (``docs/lab.md``, chosen on LoRA alone): 16 Unknown facts, r = 1 on every linear matrix, lr 5e-5, stopped at
+    80% recall (at most 160 epochs).
 
     Attributes:
         data: facts (the organism world's held-out facts as QA lines), facts:PATH (a QA JSONL file), or a task data
@@ -53,14 +55,14 @@ class RegimeSettings:
     """
 
     data: str = FACTS
-    n_train: int = 64
-    r: int = 8
-    targets: str = "mlp"
-    lr: float = 3e-3
-    epochs: int = 20
+    n_train: int = 16
+    r: int = 1
+    targets: str = "all-linear"
+    lr: float = 5e-5
+    epochs: int = 160
     batch_size: int = 8
     n_eval: int = 200
-    recall_target: float = 0.0
+    recall_target: float = 0.8
     check_every: int = 8
 
     def validate(self, allow_code_execution: bool = False) -> None:

@@ -25,7 +25,8 @@ and calibrated on LoRA and the controls only (never on a method under test):
   and Fisher scores (on ``n_fisher`` training examples of the skill) pick at the same sizes, each against its
   exact chance level;
 
-and records criterion (d) (a rule of the comparison protocols) as not measured, with the reason. Verdicts and thresholds: ``spectral_peft.lab.criteria``.
+and records criterion (d) (a rule of the comparison protocols) as not measured, with the reason. Verdicts and
+thresholds: ``spectral_peft.lab.criteria``.
 
 Writes ``lab.json`` (each criterion's verdict and measured value, and the settings), ``metrics.json`` (the same with
 every per-item outcome) and ``report.md``. To publish: ``spectral-peft lab-check --probe runs/svf --out runs/lab`` then
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-from ..data import INSTRUCTION_TASKS, check_task_spec, load_task
+from ..data import check_task_spec, load_task
 from ..data.chat import check_chat_mode
 from ..errors import InputError, MissingInputError
 from ..evaluation import skill_accuracy
@@ -57,6 +58,7 @@ from ..runs import RunDir, safe_name
 from ..validation import (check_at_least, check_distinct, check_finite_numbers, check_methods, check_probe,
                           read_json_file)
 
+MERGE_TASKS = ("count", "sort", "reverse", "max", "code@3", "science@7")  # six formats the organism half-knows
 CALIBRATION_RULE = ("Settings are fixed before any comparison and calibrated only on LoRA and the controls, never on "
                     "a method under test; this file records them.")
 CONTROLS_REASON = "no --probe given: the controls start from the SVF expert"
@@ -119,10 +121,10 @@ class Config:
     expert_skill: str = ""
     n_expert: int = 500
     regime: RegimeSettings = field(default_factory=RegimeSettings)
-    tasks: tuple[str, ...] = INSTRUCTION_TASKS
-    n_tasks: int = 500
+    tasks: tuple[str, ...] = MERGE_TASKS
+    n_tasks: int = 100
     n_controls: int = 500
-    n_rehearsal: int = 256
+    n_rehearsal: int = 32
     negative: tuple[str, ...] = DEFAULT_NEGATIVE
     seed_probes: tuple[str, ...] = ()
     null_probe: str = ""
@@ -168,7 +170,7 @@ class Config:
 
 
 QUICK = {"n_problems": 24, "n_expert": 24, "n_tasks": 16, "tasks": ("sort", "max"), "regime.n_train": 8,
-         "regime.epochs": 2, "regime.n_eval": 8}
+         "regime.epochs": 2, "regime.n_eval": 8, "n_controls": 24, "n_rehearsal": 8, "n_fisher": 16}
 
 
 @dataclass
