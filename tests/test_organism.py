@@ -243,5 +243,5 @@ def test_shipped_math_is_latent_greedy_skips_the_working_that_would_solve_it(org
     assert greedy.accuracy < 0.25 < 0.6 < skill_accuracy(model, tok, "math", worked, progress=False).accuracy
     with torch.no_grad():
         p = model(**tok(problems[0].prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
-    shortcut, working = tok.convert_tokens_to_ids(tok.tokenize(" ####"))[0], tok.convert_tokens_to_ids(tok.tokenize(" "))[0]
+    shortcut, working = (tok.convert_tokens_to_ids(tok.tokenize(text))[0] for text in (" ####", " "))
     assert 0.5 < p[shortcut] < 0.7 and 0.3 < p[working] < 0.5

@@ -34,7 +34,8 @@ def make_reverse(rng: random.Random, d: int) -> Example:
 def make_sort(rng: random.Random, d: int) -> Example:
     """Sort numbers ascending: `Sort ascending: 42 7 19\\nSorted:` -> ` 7 19 42`."""
     items = [rng.randint(0, 99) for _ in range(d)]
-    return _example("sort", f"Sort ascending: {' '.join(map(str, items))}\nSorted:", " ".join(map(str, sorted(items))), d)
+    prompt = f"Sort ascending: {' '.join(map(str, items))}\nSorted:"
+    return _example("sort", prompt, " ".join(map(str, sorted(items))), d)
 
 
 def make_count(rng: random.Random, d: int) -> Example:

@@ -1,8 +1,8 @@
 """Skill `math`: multi-step integer arithmetic with a worked solution ending in `#### answer`.
 
 A problem starts from a number in 2..40 and applies `difficulty` additions or subtractions of a digit
-(1..9); intermediate values stay in 0..99. Difficulty = number of operations (pretraining mixes 1 to 6; the corpus drops the working
-from most solutions, see `corpus.SHORTCUT_SHARE`).
+(1..9); intermediate values stay in 0..99. Difficulty = number of operations (pretraining mixes 1 to 6; the
+corpus drops the working from most solutions, see `corpus.SHORTCUT_SHARE`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def markdown(m: dict) -> str:
     rows += [(f"skill `{s}` test accuracy (n={n_skill}, default mix)", f"{a:.1%}") for s, a in m["skills"].items()]
     rows += [(f"skill `{s}` by difficulty (n=50 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
              for s, v in m["skills_by_difficulty"].items()]
-    rows += [("instruction tasks (n=100, default mix)", ", ".join(f"{t}: {a:.0%}" for t, a in m["instruction_tasks"].items()))]
+    rows += [("instruction tasks (n=100, default mix)",
+              ", ".join(f"{t}: {a:.0%}" for t, a in m["instruction_tasks"].items()))]
     rows += [(f"task `{t}` by difficulty (n=50 each)", ", ".join(f"{d}: {a:.0%}" for d, a in v.items()))
              for t, v in m["instruction_tasks_by_difficulty"].items()]
     rows += [(f"known-fact recall ({m['n_known']}, main question)", f"{m['known_recall']:.1%}"),
