@@ -97,11 +97,11 @@ def scripted_evaluator(scores):
     return evaluate, calls
 
 
-def expert(tok, monkeypatch, scores, objective="sft"):
+def expert(tok, monkeypatch, scores, objective="sft", keep="best"):
     evaluate, calls = scripted_evaluator(scores)
     monkeypatch.setattr(svf_expert, "skill_accuracy", evaluate)
     task = load_task("math")
-    settings = SVFSettings(n_train=16, n_val=4, batch_size=4, eval_every=1, lr=0.2, max_new_tokens=6)
+    settings = SVFSettings(n_train=16, n_val=4, batch_size=4, eval_every=1, lr=0.2, max_new_tokens=6, keep=keep)
     return train_svf_expert(tiny(tok), tok, task, settings, objective, seed=0, progress=False), calls
 
 
@@ -122,6 +122,16 @@ def test_a_trained_step_that_beats_the_base_is_kept(tok, monkeypatch):
     assert h.best_step == 2 and [v["step"] for v in h.validation] == [0, 1, 2, 3, 4]
     assert trained.val_correct == [1.0] * 4 and trained.base_val_correct == [0.25] * 4
     assert any(not torch.equal(z, torch.ones_like(z)) for z in trained.probe.scales.values())
+
+
+def test_a_null_probe_keeps_the_last_state_even_when_the_base_scores_higher(tok, monkeypatch):
+    trained, _ = expert(tok, monkeypatch, lambda k: [1.0, 0.5, 0.75, 0.25, 0.0][k], keep="last")
+    h = trained.history
+    assert h.best_step == 4 and h.best_score == 0.0 and [v["step"] for v in h.validation] == [0, 1, 2, 3, 4]
+    assert trained.val_correct == [0.0] * 4 and trained.base_val_correct == [1.0] * 4
+    assert any(not torch.equal(z, torch.ones_like(z)) for z in trained.probe.scales.values())
+    with pytest.raises(InputError, match="keep"):
+        SVFSettings(keep="first").validate()
 
 
 def test_a_tie_with_the_base_keeps_the_earliest_best_trained_step(tok, monkeypatch):

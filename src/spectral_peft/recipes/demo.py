@@ -72,10 +72,10 @@ class Config:
     retain_skills: tuple[str, ...] = ORGANISM_SKILLS
     methods: str = "lora,oplora,palora,hiplora"
     facts: str = "organism"
-    r: int = 8
-    targets: str = "mlp"
+    r: int = 1
+    targets: str = "all-linear"
     svf: SVFSettings = field(default_factory=SVFSettings)
-    n_facts: int = 64
+    n_facts: int = 16
     split: SplitSettings = field(default_factory=SplitSettings)
     train: InjectSettings = field(default_factory=InjectSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

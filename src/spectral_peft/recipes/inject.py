@@ -71,9 +71,9 @@ class Config:
     model: str = ORGANISM
     device: str = "auto"
     dtype: str = "auto"
-    r: int = 8
-    targets: str = "mlp"
-    n_facts: int = 64
+    r: int = 1
+    targets: str = "all-linear"
+    n_facts: int = 16
     split: SplitSettings = field(default_factory=SplitSettings)
     train: InjectSettings = field(default_factory=InjectSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

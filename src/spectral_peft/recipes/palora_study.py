@@ -84,10 +84,10 @@ class Config:
     baseline: str = "lora"
     seeds: tuple[int, ...] = (0, 1, 2)
     facts: str = "organism"
-    r: int = 8
-    targets: str = "mlp"
+    r: int = 1
+    targets: str = "all-linear"
     svf: SVFSettings = field(default_factory=SVFSettings)
-    n_facts: int = 64
+    n_facts: int = 16
     split: SplitSettings = field(default_factory=SplitSettings)
     train: InjectSettings = field(default_factory=InjectSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)

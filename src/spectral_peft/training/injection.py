@@ -36,7 +36,10 @@ from ..errors import InputError
 
 @dataclass
 class InjectSettings:
-    """The injection schedule (SFT on the facts' QA lines, AdamW, 3% warm-up, linear decay).
+    """The injection schedule (SFT on the facts' QA lines, AdamW, 3% warm-up, linear decay). The defaults are the
+    lab's calibrated regime (``docs/lab.md``, chosen on LoRA alone): lr 5e-5, stopped at 80% recall of the injected
+    facts, at most 160 epochs; with r = 1 on every linear matrix (the recipes' defaults), LoRA's updates are then a
+    few percent of the weights, and every method is compared at the same recall.
 
     Attributes:
         epochs: passes over the facts (with a recall target: the most passes).
@@ -48,11 +51,11 @@ class InjectSettings:
         check_every: optimiser steps between recall checks (with a recall target).
     """
 
-    epochs: int = 20
-    lr: float = 3e-3
+    epochs: int = 160
+    lr: float = 5e-5
     batch_size: int = 8
     paraphrases: int = 1
-    recall_target: float = 0.0
+    recall_target: float = 0.8
     check_every: int = 8
 
     def validate(self) -> None:

@@ -41,6 +41,7 @@ from ..errors import InputError
 
 OBJECTIVES = ("sft", "reinforce", "reinforce-group")
 PARAMETERISATIONS = ("plain", "sigmoid")
+KEEPS = ("best", "last")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class SVFSettings:
         parameterisation: SVF's scale, plain (z = 1 + delta) or sigmoid (Transformer-squared's).
         targets: the matrices SVF scales, mlp or all-linear.
         max_new_tokens: generation budget when validating and in rollouts (a task's own budget, if smaller, wins).
+        keep: best (the best validated state, step 0 included: an expert) or last (the final state whatever it
+            scores: a null probe, the same training on a non-skill objective).
     """
 
     n_train: int = 1024
@@ -74,8 +77,9 @@ class SVFSettings:
     samples: int = 4
     temperature: float = 1.0
     parameterisation: str = "plain"
-    targets: str = "mlp"
+    targets: str = "all-linear"
     max_new_tokens: int = 96
+    keep: str = "best"
 
     def validate(self) -> None:
         if min(self.n_train, self.n_val, self.epochs, self.batch_size, self.eval_every, self.max_new_tokens) < 1:
@@ -90,6 +94,8 @@ class SVFSettings:
                              f"{', '.join(PARAMETERISATIONS)}")
         if self.targets not in TARGETS:
             raise InputError(f"svf targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+        if self.keep not in KEEPS:
+            raise InputError(f"svf keep must be one of {', '.join(KEEPS)}, got {self.keep!r}")
 
 
 def check_objective(objective: str) -> None:
@@ -149,11 +155,22 @@ def keep_best_or_base(model: nn.Module, history: TrainResult, base_val: list[flo
     return list(base_val)
 
 
+def keep_last(history: TrainResult, base_val: list[float]) -> list[float]:
+    """Keep the final state (``keep=last``): record it as the kept step, put the step-0 validation record first and
+    return the final validation's per-example outcomes."""
+    outcomes = {v["step"]: v.pop("correct") for v in history.validation}
+    last = history.validation[-1]
+    history.validation.insert(0, {"step": 0, "score": _mean(base_val), "accuracy": _mean(base_val)})
+    history.best_step, history.best_score = last["step"], last["score"]
+    return outcomes[last["step"]]
+
+
 def train_svf_expert(base: nn.Module, tokenizer, task, settings: SVFSettings, objective: str = "sft", seed: int = 0,
                      meta: dict[str, Any] | None = None, progress: bool = True,
                      checkpoint_dir: str | Path | None = None, checkpoint_every: int = CHECKPOINT_EVERY) -> SVFExpert:
     """Train an SVF expert on ``task`` from ``base`` (wrapped in place) and freeze its probe (``meta`` is recorded
-    in it, with the validation accuracies). The kept state is the best validated one, step 0 (the base) included;
+    in it, with the validation accuracies). The kept state is the best validated one, step 0 (the base) included
+    (``settings.keep = "last"``: the final one);
     the history's validation records start with step 0. ``checkpoint_dir``: resumable checkpoints every
     ``checkpoint_every`` steps (removed when training completes)."""
     settings.validate()
@@ -170,7 +187,8 @@ def train_svf_expert(base: nn.Module, tokenizer, task, settings: SVFSettings, ob
     model = get_peft_model(base, method_config("svf", parameterisation=settings.parameterisation,
                                                target_modules=TARGETS[settings.targets]), progress=progress)
     cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
-                      schedule="cosine", warmup_ratio=0.05, eval_every=settings.eval_every, keep_best=True,
+                      schedule="cosine", warmup_ratio=0.05, eval_every=settings.eval_every,
+                      keep_best=settings.keep == "best",
                       progress=progress, desc=f"svf {task.name} ({objective})", checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every)
     if objective == "sft":
@@ -184,7 +202,8 @@ def train_svf_expert(base: nn.Module, tokenizer, task, settings: SVFSettings, ob
         data = train_ex
     untrained = trainable_state(model)
     history = train(model, data, obj, cfg, validate=validate)
-    kept = keep_best_or_base(model, history, base_val, untrained)
+    kept = (keep_best_or_base(model, history, base_val, untrained) if settings.keep == "best"
+            else keep_last(history, base_val))
     probe = Probe.from_model(model, meta={**(meta or {}), "objective": objective, "seed": seed,
                                           "val_accuracy": _mean(kept), "base_val_accuracy": _mean(base_val)})
     return SVFExpert(model, probe, history, base_val, kept)
