@@ -71,6 +71,26 @@ def test_subspace_invariance_on_planted_updates():
     assert spectral_interference(W, generic, k).invariance > 1e-3
 
 
+def test_update_size_and_intruder_dimensions_on_planted_updates():
+    U, S, V, W = spectral_matrix()  # 12 x 9, sigma = 9..1
+    k = 3
+    # a complement singular direction of W rising into the top k is not an intruder: it is one of W's own
+    rise = (U[:, 8:9] * 20.0) @ V[:, 8:9].T
+    out = spectral_interference(W, rise, k)
+    assert out.intruders == 0
+    assert out.fro_ratio == pytest.approx(20.0 / float(S.norm()), rel=1e-12)
+    assert out.invariance < 1e-12  # block diagonal: span(U_k) stays invariant although the top k changed
+    # a strong direction that mixes all of W's left singular vectors equally (cos 1/sqrt(12) < 0.5) is one
+    u = U.sum(dim=1, keepdim=True) / math.sqrt(12)
+    v = V[:, :1]
+    intruder = spectral_interference(W, 50.0 * u @ v.T, k)
+    assert intruder.intruders == 1
+    assert intruder.fro_ratio == pytest.approx(50.0 / float(S.norm()), rel=1e-12)
+    # a small generic update brings none
+    noise = 1e-3 * torch.randn(12, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert spectral_interference(W, noise, k).intruders == 0
+
+
 def test_small_rotation_angle_is_accurate():
     """Rotating u_1 towards u_9 by theta = 1e-9 rad gives a left angle of 1e-9 (cosines alone would give 0)."""
     U, S, V, W = spectral_matrix()

@@ -137,6 +137,8 @@ def planted_result(train_stages: dict[str, object], seeds=(0, 1), tasks=("a", "b
                             seeds=list(seeds), settings=TINY, base_correct={t: [0.0] * Learner.N for t in tasks},
                             outcomes=outcomes, budget_use_max={label: [[None] * len(tasks)] * len(seeds)
                                                                for label in train_stages},
+                            stops={label: [[{"steps": 1, "reached_stop_at": None}] * len(tasks)] * len(seeds)
+                                   for label in train_stages},
                             budget_counts=[])
 
 

@@ -7,8 +7,9 @@ injection methods and per-skill bars; then the helpers every recipe shares (mark
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -259,3 +260,13 @@ def plot_budget_use(logs_by_label: dict[str, Sequence[dict[str, float]]], title:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def fmt_steps(stops: Sequence[Mapping[str, Any]]) -> str:
+    """Training steps of several fine-tunes (``{"steps", "reached_stop_at"}`` each): their median and range, and how
+    many reached ``train.stop_at`` (matched task gain) when it was set, e.g. ``48 (40-64), 9/10 at stop_at``."""
+    steps = [x["steps"] for x in stops]
+    reached = [x["reached_stop_at"] for x in stops if x["reached_stop_at"] is not None]
+    return (f"{int(statistics.median(steps))} ({min(steps)}-{max(steps)})"
+            + (f", {sum(reached)}/{len(stops)} at stop_at" if reached else ""))
+

@@ -11,7 +11,13 @@ Spectral interference of an update ``dW`` of ``W = U diag(sigma) V^T`` (methods.
   ``scipy.linalg.subspace_angles``, which takes small angles from their sines (Bjorck-Golub), so angles near 0 are
   accurate; rows report the largest and the mean angle, in radians;
 - relative change of the top-k singular values ``||sigma'_k - sigma_k||_2 / ||sigma_k||_2`` and its per-value maximum
-  ``max_i |sigma'_i - sigma_i| / sigma_i``.
+  ``max_i |sigma'_i - sigma_i| / sigma_i``;
+- the update's size ``||dW||_F / ||W||_F`` (``fro_ratio``; the lab's regime criterion, docs/lab.md (c));
+- intruder dimensions (Shuttleworth et al. 2024, "LoRA vs full fine-tuning: an illusion of equivalence"): the number
+  of the top-k left singular vectors ``u'_j`` of ``W + dW`` whose largest cosine with every left singular vector of
+  ``W``, ``max_i |u'_j^T u_i|``, is below ``INTRUDER_COS`` (0.5): new directions, unlike any of the base's, that rose
+  into the top k. Counted separately from the invariance: a block-diagonal update can keep ``span(U_k)`` invariant
+  and still bring a complement direction into the top k.
 
 If ``sigma_k == sigma_{k+1}`` the top-k subspace of ``W`` is not unique and the angles are not meaningful. The angles
 are an artefact for block-diagonal updates (HiP-LoRA, OPLoRA): every singular vector of ``W + dW`` then lies in
@@ -41,7 +47,8 @@ from ..adapters.matrices import matrix_weights
 from ..errors import InputError
 
 INTERFERENCE_METRICS = ("energy_fraction", "invariance", "left_angle_max", "right_angle_max", "left_angle_mean",
-                        "right_angle_mean", "sv_rel_change", "sv_max_rel_change")
+                        "right_angle_mean", "sv_rel_change", "sv_max_rel_change", "fro_ratio", "intruders")
+INTRUDER_COS = 0.5  # a top-k singular vector of W + dW whose best cosine with W's singular vectors is below: an intruder
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class Interference:
     right_angle_mean: float
     sv_rel_change: float
     sv_max_rel_change: float
+    fro_ratio: float
+    intruders: int
 
 
 def _svd64(matrix: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,9 +80,11 @@ def spectral_interference(W: torch.Tensor, dW: torch.Tensor, k: int) -> Interfer
     r0 = min(W.shape)
     if not 1 <= k <= r0:
         raise InputError(f"k={k} is out of range for a {tuple(W.shape)} matrix (1 <= k <= {r0})")
-    U, S, V = _svd64(W)
+    U_all, S, V = _svd64(W)
+    w_norm = float(np.linalg.norm(S))  # ||W||_F
     U2, S2, V2 = _svd64(W.to(torch.float64) + dW.to(torch.float64))
-    U, S, V, U2, S2, V2 = U[:, :k], S[:k], V[:, :k], U2[:, :k], S2[:k], V2[:, :k]
+    U, S, V, U2, S2, V2 = U_all[:, :k], S[:k], V[:, :k], U2[:, :k], S2[:k], V2[:, :k]
+    intruders = int(np.sum(np.abs(U_all.T @ U2).max(axis=0) < INTRUDER_COS))
     d = dW.detach().cpu().to(torch.float64).numpy()
     total = float(np.sum(d * d))
     energy = float(np.sum((U.T @ d @ V) ** 2)) / total if total > 0 else math.nan
@@ -83,7 +94,7 @@ def spectral_interference(W: torch.Tensor, dW: torch.Tensor, k: int) -> Interfer
     left, right = subspace_angles(U, U2), subspace_angles(V, V2)
     return Interference(k, energy, invariance, float(left.max()), float(right.max()), float(left.mean()),
                         float(right.mean()), float(np.linalg.norm(S2 - S) / np.linalg.norm(S)),
-                        float(np.max(np.abs(S2 - S) / S)))
+                        float(np.max(np.abs(S2 - S) / S)), math.sqrt(total) / w_norm, intruders)
 
 
 def parse_module_name(name: str) -> tuple[int | None, str]:

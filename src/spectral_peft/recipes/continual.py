@@ -31,9 +31,10 @@ from ..evaluation.continual import backward_transfer, example_transfer, forgetti
 from ..evaluation.stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets, parse_methods
-from ..report import fmt_ci, md_table, save_figure
+from ..report import fmt_ci, fmt_steps, md_table, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..training.matched_gain import task_stop
 from ..validation import check_at_least, check_constructed, check_distinct, check_finite_numbers, check_methods
 
 
@@ -112,6 +113,7 @@ class Result:
     base_correct: dict[str, list[float]]
     outcomes: dict[str, list[list[list[list[float]]]]]
     budget_use_max: dict[str, list[list[float | None]]]
+    stops: dict[str, list[list[dict[str, Any]]]]
     budget_counts: list[dict[str, Any]]
 
     @property
@@ -147,7 +149,7 @@ class Result:
                 "final_average_accuracy": self.accuracy(label).to_dict(),
                 "backward_transfer": self.backward_transfer(label).to_dict(), "forgetting": forgetting(R),
                 "backward_transfer_per_seed": [backward_transfer(r) for r in per_seed],
-                "budget_use_max": self.budget_use_max[label],
+                "budget_use_max": self.budget_use_max[label], "training": self.stops[label],
                 "vs_reference": ({k: v.to_dict() for k, v in self.vs_reference(label).items()}
                                  if label != self.reference else None)}
         return {"reference": self.reference, "tasks": self.tasks, "seeds": self.seeds,
@@ -182,30 +184,37 @@ def run(cfg: Config, run: RunDir) -> Result:
     def sequence(spec: MethodSpec, seed: int) -> dict[str, Any]:
         seed_everything(seed, cfg.threads)
         uses: list[float | None] = []
+        stops: list[dict[str, Any]] = []
 
         def train_stage(model, name: str):
             plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            wrapped, _ = train_adapter(plain, tok, spec, pairs[name], s, seed,
-                                       desc=f"train {spec.label} on {name} (seed {seed})", progress=cfg.progress)
+            wrapped, history = train_adapter(plain, tok, spec, pairs[name], s, seed,
+                                             desc=f"train {spec.label} on {name} (seed {seed})", progress=cfg.progress,
+                                             **task_stop(tasks[name], tok, s,
+                                                         min(s.max_new_tokens, tasks[name].max_new_tokens)))
             use = final_budget_use(wrapped)
             uses.append(max(use.values()) if use else None)
+            stops.append({"steps": history.steps, "reached_stop_at": history.reached_stop_score})
             return wrapped
 
         res = run_continual(source.fresh(), list(cfg.tasks), train_stage, correct, progress=cfg.progress,
                             desc=f"continual {spec.label} (seed {seed})")
-        return {"outcomes": res.outcomes, "budget_use_max": uses}
+        return {"outcomes": res.outcomes, "budget_use_max": uses, "stop": stops}
 
     base = source.fresh()
     base_correct = run.unit("base", lambda: {n: correct(base, n) for n in cfg.tasks})
     outcomes: dict[str, list] = {}
     budget_use: dict[str, list] = {}
+    stops: dict[str, list] = {}
     for spec in specs:
         units = [run.unit(f"continual/{safe_name(spec.label)}/seed{seed}", lambda: sequence(spec, seed))  # noqa: B023
                  for seed in cfg.seeds]
         outcomes[spec.label] = [u["outcomes"] for u in units]
         budget_use[spec.label] = [u["budget_use_max"] for u in units]
+        stops[spec.label] = [u["stop"] for u in units]
     return Result(specs=specs, tasks=list(cfg.tasks), seeds=list(cfg.seeds), settings=s, base_correct=base_correct,
-                  outcomes=outcomes, budget_use_max=budget_use, budget_counts=budget_table(specs, source.fresh()))
+                  outcomes=outcomes, budget_use_max=budget_use, stops=stops,
+                  budget_counts=budget_table(specs, source.fresh()))
 
 
 def render(result: Result, run: RunDir) -> str:
@@ -230,9 +239,11 @@ def render(result: Result, run: RunDir) -> str:
         rows.append({"method": label, "ACC": fmt_ci(result.accuracy(label)),
                      "BWT": fmt_ci(result.backward_transfer(label), signed=True),
                      "forgetting": f"{100 * forgetting(result.R(label)):.1f}",
+                     "steps per stage": fmt_steps([x for seed in result.stops[label] for x in seed]),
                      f"ACC - {ref}": fmt_ci(diff["ACC"], signed=True) if diff else "",
                      f"BWT - {ref}": fmt_ci(diff["BWT"], signed=True) if diff else ""})
-    lines += [md_table(rows, ["method", "ACC", "BWT", "forgetting", f"ACC - {ref}", f"BWT - {ref}"]), "",
+    lines += [md_table(rows, ["method", "ACC", "BWT", "forgetting", f"ACC - {ref}", f"BWT - {ref}", "steps per stage"]),
+              "",
               "Accuracy matrices R, % (row: after stage, column: task):", ""]
     for spec in result.specs:
         R = result.R(spec.label)

@@ -42,13 +42,14 @@ from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..merging import adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainable, match_budgets, parse_methods
-from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
+from ..report import fmt_ci, fmt_steps, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..training.matched_gain import task_stop
 from ..validation import check_at_least, check_constructed, check_distinct, check_finite_numbers, check_methods
 
 GENERAL = (*SKILLS, "facts")  # the general evaluations, besides held-out NLL
-REPORTED = ("energy_fraction", "invariance", "sv_rel_change", "sv_max_rel_change")
+REPORTED = ("energy_fraction", "invariance", "sv_rel_change", "sv_max_rel_change", "fro_ratio", "intruders")
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Result:
     trainable: dict[str, int]
     losses: dict[str, list[list[float]]]
     logs: dict[str, list[dict[str, float]]]
+    stops: dict[str, list[dict[str, Any]]]
 
     @property
     def reference(self) -> str:
@@ -211,7 +213,7 @@ class Result:
                 "accuracy": {n: proportion_ci(out.scores[n]).to_dict() for n in names},
                 "change": {n: self.change(label, n).to_dict() for n in names}, "vs_reference": vs,
                 "budget_use_max": [max(u.values()) if u else None for u in self.budget_use[label]],
-                "interference_mean": self.interference_mean(label)}
+                "training": self.stops[label], "interference_mean": self.interference_mean(label)}
         return {"recipe": "drift", "task": self.task, "model": self.model, "reference": self.reference,
                 "seeds": self.seeds, "k": self.k, "sizes": self.sizes, "budget_counts": self.budget_counts,
                 "base": {"nll": self.base.pooled_nll,
@@ -260,10 +262,12 @@ def run(cfg: Config, run: RunDir) -> Result:
     def adapter_unit(spec: MethodSpec, seed: int) -> dict[str, Any]:
         seed_everything(seed, cfg.threads)
         model, history = train_adapter(source.fresh(), tok, spec, pairs, s, seed,
-                                       desc=f"drift {spec.label} seed {seed}", progress=cfg.progress)
+                                       desc=f"drift {spec.label} seed {seed}", progress=cfg.progress,
+                                       **task_stop(task, tok, s, budget))
         rows = interference_table(base, adapter_deltas(model), cfg.k, progress=cfg.progress)
         return {**evaluate(model), "interference": [r.to_dict() for r in rows], "budget_use": final_budget_use(model),
-                "trainable": count_trainable(model), "losses": history.losses, "logs": history.logs}
+                "trainable": count_trainable(model), "losses": history.losses, "logs": history.logs,
+                "stop": {"steps": history.steps, "reached_stop_at": history.reached_stop_score}}
 
     base_unit = run.unit("base", lambda: evaluate(base))
     units = {spec.label: [run.unit(f"{safe_name(spec.label)}-seed{seed}",
@@ -278,7 +282,8 @@ def run(cfg: Config, run: RunDir) -> Result:
                   budget_use={label: [x["budget_use"] for x in u] for label, u in units.items()},
                   trainable={label: u[0]["trainable"] for label, u in units.items()},
                   losses={label: [x["losses"] for x in u] for label, u in units.items()},
-                  logs={label: u[0]["logs"] for label, u in units.items()})
+                  logs={label: u[0]["logs"] for label, u in units.items()},
+                  stops={label: [x["stop"] for x in u] for label, u in units.items()})
 
 
 def plot_degradation(m: dict[str, Any]) -> Figure:
@@ -335,7 +340,8 @@ def render(result: Result, run: RunDir) -> str:
              "for one seed, hierarchical bootstrap for several). NLL in nats/token, changes in percentage points:", ""]
     table = [{"method": label, "task acc (%)": fmt_ci(pm["accuracy"]["task"]), "task (pp)": pts(pm["change"]["task"]),
               "delta NLL": fmt_ci(pm["delta_nll"], 1, 4, True), **{f"{n} (pp)": pts(pm["change"][n]) for n in GENERAL},
-              "budget use": ", ".join("–" if u is None else f"{u:.2f}" for u in pm["budget_use_max"])}
+              "budget use": ", ".join("–" if u is None else f"{u:.2f}" for u in pm["budget_use_max"]),
+              "steps": fmt_steps(pm["training"])}
              for label, pm in m["methods"].items()]
     lines += [md_table(table, list(table[0])), f"Method minus `{result.reference}` (paired by seed and item):", ""]
     table = [{"method": label, "delta NLL": fmt_ci(pm["vs_reference"]["delta_nll"], 1, 4, True),

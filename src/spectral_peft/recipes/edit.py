@@ -26,6 +26,7 @@ import numpy as np
 
 from ..data import World, check_task_spec, load_task, qa_line
 from ..data.chat import check_chat_mode
+from ..errors import InputError
 from ..evaluation import generate, skill_accuracy
 from ..evaluation.editing import (ORGANISM_EDITS, EditCase, evaluate_editing, load_edit_set, locality_facts,
                                   skill_preservation)
@@ -106,6 +107,9 @@ class Config:
     def validate(self) -> None:
         check_finite_numbers(self)
         check_constructed(self.train)
+        if self.train.stop_at is not None:
+            raise InputError("edit trains for train.epochs; train.stop_at (matched task gain) is for task fine-tunes "
+                             "(finetune, drift, mergefail, continual): leave it unset")
         check_at_least(1, n_edits=self.n_edits, n_local=self.n_local, n_skill=self.n_skill, threads=self.threads)
         check_distinct("seeds", self.seeds)
         check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)

@@ -26,6 +26,7 @@ from ..methods import MethodSpec, budget_table, count_trainable, hiplora_referen
 from ..report import fmt_ci, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..training.matched_gain import task_stop
 from ..validation import check_at_least, check_constructed, check_finite_numbers, check_method
 
 
@@ -149,7 +150,8 @@ def run(cfg: Config, run: RunDir) -> Result:
 
     base_correct = score(base)
     model, history = train_adapter(base, tok, spec, pairs, s, cfg.seed, desc=f"finetune {spec.label}",
-                                   progress=cfg.progress, checkpoint_dir=run.file("checkpoint"))
+                                   progress=cfg.progress, checkpoint_dir=run.file("checkpoint"),
+                                   **task_stop(task, tok, s, budget))
     model.save_pretrained(run.file("adapter"))
     return Result(spec=spec, task=task.name, base_correct=base_correct, correct=score(model),
                   trainable_parameters=count_trainable(model),

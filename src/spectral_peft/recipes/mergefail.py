@@ -35,9 +35,10 @@ from ..evaluation.stats import CI, proportion_ci
 from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..merging import MERGE_OPERATORS, adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, match_budgets, parse_methods
-from ..report import fmt_ci, md_table, plot_budget_use, save_figure
+from ..report import fmt_ci, fmt_steps, md_table, plot_budget_use, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
+from ..training.matched_gain import task_stop
 from ..validation import (check_at_least, check_constructed, check_distinct, check_finite_numbers, check_interval,
                           check_methods)
 
@@ -137,6 +138,7 @@ class Result:
     single_correct: dict[str, dict[int, dict[str, list[float]]]]
     budget_use_max: dict[str, dict[int, dict[str, float | None]]]
     budget_logs: dict[str, list[dict[str, float]]]
+    stops: dict[str, dict[int, dict[str, dict[str, Any]]]]
     budget_counts: list[dict[str, Any]]
     results: list[MergeFailResult]
     summary: MergeFailSummary
@@ -164,10 +166,9 @@ class Result:
                 "single_accuracy": {s.label: {t: self.single_accuracy(s.label, t).to_dict() for t in self.tasks}
                                     for s in self.specs},
                 "zero_single_adapters": {s.label: self.zero_adapters(s.label) for s in self.specs},
-                "budget_use_max": self.budget_use_max, "summary": self.summary.to_dict(),
+                "budget_use_max": self.budget_use_max, "training": self.stops, "summary": self.summary.to_dict(),
                 "items": {"base_correct": self.base_correct, "single_correct": self.single_correct,
                           "instances": {r.method: r.to_dict()["instances"] for r in self.results}}}
-
 
 
 def run(cfg: Config, run: RunDir) -> Result:
@@ -191,11 +192,13 @@ def run(cfg: Config, run: RunDir) -> Result:
     def train_one(spec: MethodSpec, seed: int, name: str, where: str) -> dict[str, Any]:
         seed_everything(seed, cfg.threads)
         model, history = train_adapter(source.fresh(), tok, spec, pairs[name], s, seed,
-                                       desc=f"train {spec.label} on {name} (seed {seed})", progress=cfg.progress)
+                                       desc=f"train {spec.label} on {name} (seed {seed})", progress=cfg.progress,
+                                       **task_stop(tasks[name], tok, s, min(s.max_new_tokens,
+                                                                            tasks[name].max_new_tokens)))
         model.save_pretrained(run.file(where))
         use = final_budget_use(model)
         return {"correct": correct(model, name), "budget_use_max": max(use.values()) if use else None,
-                "logs": history.logs}
+                "logs": history.logs, "stop": {"steps": history.steps, "reached_stop_at": history.reached_stop_score}}
 
     def merged_score(model, name: str) -> float:
         return float(np.mean(correct(model, name, progress=False)))
@@ -204,19 +207,21 @@ def run(cfg: Config, run: RunDir) -> Result:
     base_correct = run.unit("base", lambda: {n: correct(base, n) for n in cfg.tasks})
     single: dict[str, dict[int, dict[str, list[float]]]] = {}
     uses: dict[str, dict[int, dict[str, float | None]]] = {}
+    stops: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
     logs: dict[str, list[dict[str, float]]] = {}
     results = []
     for spec in specs:
         deltas: dict[int, dict[str, Any]] = {}
-        single[spec.label], uses[spec.label] = {}, {}
+        single[spec.label], uses[spec.label], stops[spec.label] = {}, {}, {}
         for seed in cfg.seeds:
-            deltas[seed], single[spec.label][seed], uses[spec.label][seed] = {}, {}, {}
+            deltas[seed], single[spec.label][seed], uses[spec.label][seed], stops[spec.label][seed] = {}, {}, {}, {}
             for name in cfg.tasks:
                 where = f"adapters/{safe_name(spec.label)}/seed{seed}/{safe_name(name)}"
                 unit = run.unit(where, lambda: train_one(spec, seed, name, where))  # noqa: B023 - called at once
                 deltas[seed][name] = adapter_deltas(run.path / where, source.fresh())
                 single[spec.label][seed][name] = unit["correct"]
                 uses[spec.label][seed][name] = unit["budget_use_max"]
+                stops[spec.label][seed][name] = unit["stop"]
                 logs.setdefault(spec.label, unit["logs"])
         scores = {seed: {n: float(np.mean(c)) for n, c in by_task.items()}
                   for seed, by_task in single[spec.label].items()}
@@ -225,7 +230,7 @@ def run(cfg: Config, run: RunDir) -> Result:
                                  progress=cfg.progress))
     return Result(specs=specs, tasks=list(cfg.tasks), seeds=list(cfg.seeds), n_merge=cfg.n_merge, tau=cfg.tau,
                   operators=list(cfg.operators), density=cfg.density, settings=s, base_correct=base_correct,
-                  single_correct=single, budget_use_max=uses, budget_logs=logs,
+                  single_correct=single, budget_use_max=uses, budget_logs=logs, stops=stops,
                   budget_counts=budget_table(specs, source.fresh()), results=results, summary=summarize(results))
 
 
@@ -249,9 +254,11 @@ def render(result: Result, run: RunDir) -> str:
                       ["method", "r", "k", "trainable", "vs_reference"]), "",
              "Single-adapter accuracy (%, 95% CI over seeds and examples); adapters at 0 cannot fail:", ""]
     rows = [{"method": sp.label, **{t: fmt_ci(result.single_accuracy(sp.label, t)) for t in result.tasks},
-             "at 0": result.zero_adapters(sp.label)} for sp in result.specs]
+             "at 0": result.zero_adapters(sp.label),
+             "steps": fmt_steps([x for by_task in result.stops[sp.label].values() for x in by_task.values()])}
+            for sp in result.specs]
     rows.append({"method": "base", **{t: fmt_ci(proportion_ci(c)) for t, c in result.base_correct.items()}})
-    lines += [md_table(rows, ["method", *result.tasks, "at 0"]), "",
+    lines += [md_table(rows, ["method", *result.tasks, "at 0", "steps"]), "",
               "Fail rate over all t (%):", ""]
     diffs = {(d.method, d.operator): d.difference for d in sm.differences if d.t is None}
     rows = [{"method": r.method, "operator": r.operator, "n": r.n, "distinct": r.n_distinct, "used": r.n_used,

@@ -34,6 +34,11 @@ class FinetuneSettings:
         lr: AdamW learning rate (a method spec's ``lr=`` overrides it for that method).
         batch_size: pairs per step.
         max_new_tokens: generation budget when scoring (a task's own budget, if smaller, wins).
+        stop_at: matched task gain (docs/lab.md (d)): end training at the first check whose accuracy on ``n_val``
+            examples of the task's validation split is ``>= stop_at`` (``epochs`` is then the cap); None trains
+            all epochs.
+        check_every: steps between those checks (and one at the end).
+        n_val: validation examples per check.
     """
 
     n_train: int = 512
@@ -42,12 +47,18 @@ class FinetuneSettings:
     lr: float = 5e-3
     batch_size: int = 16
     max_new_tokens: int = 24
+    stop_at: float | None = None
+    check_every: int = 8
+    n_val: int = 64
 
     def __post_init__(self) -> None:
-        if min(self.n_train, self.n_eval, self.epochs, self.batch_size, self.max_new_tokens) < 1:
-            raise InputError("n_train, n_eval, epochs, batch_size and max_new_tokens must be >= 1")
+        if min(self.n_train, self.n_eval, self.epochs, self.batch_size, self.max_new_tokens, self.check_every,
+               self.n_val) < 1:
+            raise InputError("n_train, n_eval, epochs, batch_size, max_new_tokens, check_every and n_val must be >= 1")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise InputError(f"lr must be a positive number, got {self.lr}")
+        if self.stop_at is not None and not 0 < self.stop_at <= 1:
+            raise InputError(f"stop_at is a validation accuracy in (0, 1], got {self.stop_at}")
 
 
 class BudgetLogging:
