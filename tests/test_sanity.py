@@ -28,6 +28,16 @@ def test_flip_and_zero_change_exactly_one_singular_value():
     assert torch.allclose(zeroed, torch.cat([S[:2], S[3:], torch.zeros(1, dtype=S.dtype)]), atol=1e-12)
 
 
+def test_fixed_norm_control_gives_every_direction_the_same_norm():
+    W, U, S, V = svd()
+    norms = [float(direction_perturbation(U, S, V, i, "fixed").norm()) for i in range(len(S))]
+    assert norms == pytest.approx([float(S.mean())] * len(S), rel=1e-12)
+    # it moves only singular value i, by -mean(sigma)
+    moved = torch.linalg.svdvals(W + direction_perturbation(U, S, V, 0, "fixed"))
+    expected = torch.cat([(S[0] - S.mean()).abs().reshape(1), S[1:]]).sort(descending=True).values
+    assert torch.allclose(moved, expected, atol=1e-12)
+
+
 def test_noise_is_a_seeded_rank_two_change_of_relative_size_about_noise():
     W, U, S, V = svd()
     dW = direction_perturbation(U, S, V, 0, "noise", 0.1, torch.Generator().manual_seed(3))

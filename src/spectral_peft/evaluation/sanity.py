@@ -7,7 +7,11 @@ For a matrix ``W = U diag(sigma) V^T`` (float64 SVD) and a singular index ``i``,
 - ``zero``:  ``sigma_i -> 0``, i.e. ``dW = -sigma_i u_i v_i^T``;
 - ``noise``: 10% noise on the triplet's singular vectors (our reading of "add 10% noise"):
   ``u~ = normalise(u_i + eta g_u / ||g_u||)``, likewise ``v~``, with Gaussian ``g`` and ``eta = 0.1`` (configurable),
-  and ``dW = sigma_i (u~ v~^T - u_i v_i^T)``; ``sigma_i`` is kept.
+  and ``dW = sigma_i (u~ v~^T - u_i v_i^T)``; ``sigma_i`` is kept;
+- ``fixed``: the fixed-norm control, ``dW = -sigma_bar u_i v_i^T`` with ``sigma_bar`` the mean singular value of
+  ``W``: every direction of a matrix receives a perturbation of the same norm ``sigma_bar``. The three above are
+  proportional to ``sigma_i``, so a larger direction also gets a larger perturbation and the correlation with
+  ``sigma`` is partly built in; ``fixed`` asks whether the direction itself matters more.
 
 The loss change is ``loss(W + dW) - loss(W)`` on a fixed batch; the weights are restored bit-exactly after every
 perturbation. Over all perturbed (module, index) pairs: Pearson correlation of ``|loss change|`` with
@@ -30,7 +34,7 @@ from ..adapters.matrices import matrix_weights
 from ..errors import InputError
 from ..merging import applied_deltas
 
-PERTURBATIONS = ("flip", "noise", "zero")
+PERTURBATIONS = ("flip", "noise", "zero", "fixed")
 
 
 def direction_perturbation(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, i: int, kind: str, noise: float = 0.1,
@@ -43,6 +47,8 @@ def direction_perturbation(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, i:
         return -2 * s * torch.outer(u, v)
     if kind == "zero":
         return -s * torch.outer(u, v)
+    if kind == "fixed":
+        return -S.mean() * torch.outer(u, v)
     gu = torch.randn(u.shape, generator=generator, dtype=u.dtype)
     gv = torch.randn(v.shape, generator=generator, dtype=v.dtype)
     u2, v2 = u + noise * gu / gu.norm(), v + noise * gv / gv.norm()

@@ -1,8 +1,8 @@
 """Spectral sanity check (HiP-LoRA, Table 6): does the loss react more to perturbing larger singular directions?
 
 For every target matrix of the model, ``n_indices`` singular indices spread over its spectrum are perturbed one at a
-time (``evaluation.sanity``: flip the sign of the triplet, ``noise`` relative noise on its singular vectors, or zero
-it) and the change of the LM loss on a fixed batch of ``n_docs`` held-out pretraining documents is recorded; the
+time (``evaluation.sanity``: flip the sign of the triplet, ``noise`` relative noise on its singular vectors, zero
+it, or ``fixed``: subtract the matrix's mean singular value along it, the fixed-norm control) and the change of the LM loss on a fixed batch of ``n_docs`` held-out pretraining documents is recorded; the
 weights are restored bit-exactly after each perturbation. Reported per perturbation: Pearson r of ``|loss change|``
 with ``log(1 + sigma)`` and Spearman rho with ``sigma``, each with its two-sided p-value, pooled over all (matrix,
 index) pairs and per matrix type. Each perturbation kind is one resumable unit.
@@ -42,7 +42,7 @@ class Config:
         n_indices: singular indices per matrix, spread evenly over its spectrum (both ends included).
         n_docs: held-out pretraining documents in the fixed loss batch (each cut to 256 tokens).
         noise: relative size of the noise added to the singular vectors by the noise perturbation.
-        perturbations: which perturbations to run, from flip, noise and zero.
+        perturbations: which perturbations to run, from flip, noise, zero and fixed (the fixed-norm control).
         seed: seed of the held-out documents and of the noise.
         threads: torch CPU threads (runs are deterministic for a seed and a thread count).
         progress: show progress bars.
