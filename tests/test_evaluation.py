@@ -139,8 +139,9 @@ def test_skill_accuracy_checks_outputs_with_the_task(tiny):
 
 def test_tradeoff_plot_draws_an_interval_on_one_side_of_its_estimate(tmp_path):
     """A percentile bootstrap interval may exclude its estimate; the plot still draws (bars never negative)."""
-    from spectral_peft.report import _bar, plot_tradeoff
+    from spectral_peft.report import error_bars, plot_tradeoff
 
-    assert _bar(0.5, (0.6, 0.9)) == [[0.0], [0.4]] and _bar(0.5, (0.25, 0.75)) == [[0.25], [0.25]]
+    assert error_bars([0.5, 0.5], [0.6, 0.25], [0.9, 0.75]) == [[0.0, 0.25], [pytest.approx(0.4), 0.25]]
+    assert error_bars([0.5], [0.25], [0.75], scale=100) == [[25.0], [25.0]]
     rows = [{"method": "a", "recall": 0.5, "retention": 0.9, "recall_ci": (0.55, 0.8), "retention_ci": (0.7, 0.85)}]
     assert plot_tradeoff(rows, tmp_path / "t.png").stat().st_size > 0

@@ -1,7 +1,7 @@
 """Matched task gain (docs/lab.md (d)): with ``FinetuneSettings.stop_at`` a fine-tune ends at the first validation
 check whose task accuracy reaches it, and trains to the cap when none does; the check reads the task's validation
-split, which is disjoint from its training and test examples; the recipes that fine-tune on a task record where each
-run ended, and bad settings are refused before any work.
+split, which is disjoint from its training and test examples; the recipes that fine-tune on a task (and edit, at an
+edit success) record where each run ended, and bad settings are refused before any work.
 
 Known answers come from a task whose checker is fixed (every output right, or every output wrong), so the stop step
 is known exactly: the first check, at step ``check_every``, or the cap."""
@@ -90,9 +90,17 @@ def test_bad_settings_are_refused(bad):
         FinetuneSettings(**bad)
 
 
-def test_edit_refuses_stop_at():
-    with pytest.raises(InputError, match="stop_at"):
-        edit.Config(train=FinetuneSettings(stop_at=0.5)).validate()
+def test_edit_stops_at_an_edit_success(tmp_path):
+    checkpoint = save_tiny_organism(tmp_path / "organism", num_layers=2)
+    settings = FinetuneSettings(epochs=2, lr=1e-3, batch_size=8, max_new_tokens=2, stop_at=1.0, check_every=1)
+    cfg = edit.Config(methods="lora", model=checkpoint, seeds=(0,), r=2, k=4, targets="mlp", train=settings,
+                      n_edits=8, n_local=4, n_skill=1, skills=("math",), progress=False)
+    out = tmp_path / "edit"
+    execute("edit", cfg, out)
+    runs = json.loads((out / "metrics.json").read_text())["methods"]["lora"]["runs"]
+    # a random tiny model cannot learn 8 edits in 2 steps: no check reaches 100%, so it trains to its cap
+    assert runs[0]["stop"] == {"steps": 2, "reached_stop_at": False}
+    assert "2 (2-2), 0/1 at stop_at" in (out / "report.md").read_text()
 
 
 def test_drift_records_where_each_fine_tune_ended(tmp_path):

@@ -117,7 +117,8 @@ def planted_result(n_local_changed: int) -> tuple[edit.Result, int]:
         edits=cases, skills=["math", "code"], skill_sizes=[3, 2], items=items,
         base={"old_answer": r.old_answer_before, "locality_correct": r.locality_correct_before,
               "skill": r.skills_before["math"] + r.skills_before["code"]},
-        runs={label: [{"seed": 0, "losses": [1.0, 0.5]}] for label in outcomes}, budget_counts=[],
+        runs={label: [{"seed": 0, "losses": [1.0, 0.5], "stop": {"steps": 2, "reached_stop_at": None}}]
+             for label in outcomes}, budget_counts=[],
         n_local=len(unrelated), settings=TINY)
     return result, len(unrelated)
 

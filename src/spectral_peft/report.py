@@ -153,16 +153,19 @@ def plot_training(losses: Sequence[float], validation: Sequence[dict], path: str
     return _save(fig, Path(path))
 
 
-def _bar(estimate: float, ci: Sequence[float]) -> list[list[float]]:
-    """Matplotlib's ``[[below], [above]]`` error bar of ``estimate`` for the interval ``ci`` (never negative)."""
-    return [[max(0.0, estimate - ci[0])], [max(0.0, ci[1] - estimate)]]
+def error_bars(estimates: Sequence[float], lows: Sequence[float], highs: Sequence[float],
+               scale: float = 1.0) -> list[list[float]]:
+    """Matplotlib's ``[[below...], [above...]]`` error bars (times ``scale``) of ``estimates`` for the intervals
+    ``[low, high]``. A percentile bootstrap interval can lie wholly on one side of its estimate (a hierarchical one
+    over few seeds, or one that collapses); the bar is then drawn from the estimate to the interval's far end, never
+    with a negative length, which matplotlib refuses."""
+    return [[scale * max(0.0, e - lo) for e, lo in zip(estimates, lows)],
+            [scale * max(0.0, hi - e) for e, hi in zip(estimates, highs)]]
 
 
 def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Recall on injected facts (x) against mean skill retention (y), one point per method; optional CI keys
-    ``recall_ci`` / ``retention_ci`` as (low, high). A percentile bootstrap interval can lie wholly on one side of
-    its estimate (e.g. a hierarchical one over few seeds); the bar is then drawn from the estimate to the interval's
-    far end."""
+    ``recall_ci`` / ``retention_ci`` as (low, high), drawn by :func:`error_bars`."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for k, r in enumerate(rows):
         x, y = r["recall"], r["retention"]
@@ -170,9 +173,9 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
             continue
         xerr = yerr = None
         if r.get("recall_ci"):
-            xerr = _bar(x, r["recall_ci"])
+            xerr = error_bars([x], [r["recall_ci"][0]], [r["recall_ci"][1]])
         if r.get("retention_ci"):
-            yerr = _bar(y, r["retention_ci"])
+            yerr = error_bars([y], [r["retention_ci"][0]], [r["retention_ci"][1]])
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=f"C{k % 10}", capsize=3, label=r["method"])
         ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(0.95, color="0.5", ls="--", lw=1, label="95% retention (PALoRA's claim)")

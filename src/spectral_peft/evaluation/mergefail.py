@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..merging import MERGE_OPERATORS, applied_deltas, merge_deltas
+from ..report import error_bars
 from .stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
 from ..errors import InputError
 
@@ -319,7 +320,7 @@ def plot_mergefail(summary: MergeFailSummary, title: str = "MergeFail") -> Figur
     for (method, op), rows in groups.items():
         rows = sorted(rows, key=lambda r: r.t)
         y = np.array([r.rate.estimate for r in rows])
-        err = np.array([[r.rate.estimate - r.rate.low for r in rows], [r.rate.high - r.rate.estimate for r in rows]])
+        err = error_bars(y, [r.rate.low for r in rows], [r.rate.high for r in rows])
         ax.errorbar([r.t for r in rows], y, yerr=err, capsize=3, marker="o", linestyle=styles.get(op, ":"),
                     label=f"{method} ({op})")
     ax.set_xlabel("merge size t")

@@ -42,7 +42,7 @@ from ..evaluation.stats import CI, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..merging import adapter_deltas
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainable, match_budgets, parse_methods
-from ..report import fmt_ci, fmt_steps, md_table, plot_budget_use, plot_loss, save_figure
+from ..report import error_bars, fmt_ci, fmt_steps, md_table, plot_budget_use, plot_loss, save_figure
 from ..runs import RunDir, safe_name
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
 from ..training.matched_gain import task_stop
@@ -293,7 +293,7 @@ def plot_degradation(m: dict[str, Any]) -> Figure:
     labels = list(m["methods"])
     d = [m["methods"][label]["delta_nll"] for label in labels]
     ax1.bar(range(len(labels)), [x["estimate"] for x in d], color=[f"C{i % 10}" for i in range(len(labels))],
-            yerr=[[x["estimate"] - x["low"] for x in d], [x["high"] - x["estimate"] for x in d]], capsize=3)
+            yerr=error_bars(*([x[k] for x in d] for k in ("estimate", "low", "high"))), capsize=3)
     ax1.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     ax1.set_ylabel("delta NLL (nats/token)")
     ax1.axhline(0, color="k", lw=0.6)
@@ -301,7 +301,7 @@ def plot_degradation(m: dict[str, Any]) -> Figure:
     for i, label in enumerate(labels):
         c = [m["methods"][label]["change"][n] for n in GENERAL]
         ax2.bar(np.arange(len(GENERAL)) + i * width, [100 * x["estimate"] for x in c], width, label=label,
-                yerr=[[100 * (x["estimate"] - x["low"]) for x in c], [100 * (x["high"] - x["estimate"]) for x in c]],
+                yerr=error_bars(*([x[k] for x in c] for k in ("estimate", "low", "high")), scale=100),
                 capsize=2, color=f"C{i % 10}")
     ax2.set_xticks(np.arange(len(GENERAL)) + 0.4 - width / 2, GENERAL)
     ax2.set_ylabel("accuracy change (points)")

@@ -26,14 +26,13 @@ import numpy as np
 
 from ..data import World, check_task_spec, load_task, qa_line
 from ..data.chat import check_chat_mode
-from ..errors import InputError
 from ..evaluation import generate, skill_accuracy
-from ..evaluation.editing import (ORGANISM_EDITS, EditCase, evaluate_editing, load_edit_set, locality_facts,
-                                  skill_preservation)
+from ..evaluation.editing import (ORGANISM_EDITS, EditCase, edit_success, evaluate_editing, load_edit_set,
+                                  locality_facts, skill_preservation)
 from ..evaluation.stats import CI, bootstrap_ci, paired_difference_ci, proportion_ci
 from ..loading import ModelSource, check_device, check_dtype, check_model_name, seed_everything
 from ..methods import ADDITIVE_METHODS, MethodSpec, budget_table, count_trainable, match_budgets, parse_methods
-from ..report import fmt_ci, md_table, plot_loss, save_figure
+from ..report import error_bars, fmt_ci, fmt_steps, md_table, plot_loss, save_figure
 from ..runs import RunDir
 from ..training.adapter import FinetuneSettings, final_budget_use, train_adapter
 from ..validation import check_at_least, check_constructed, check_distinct, check_finite_numbers, check_methods
@@ -67,8 +66,10 @@ class Config:
         targets: default target matrices, mlp or all-linear.
         match_budget: give LoRA-family specs without an explicit r the rank matching the first HiP-LoRA spec's
             trainable-parameter count (HiP-LoRA(r, k) when no spec is HiP-LoRA).
-        train: epochs, lr and batch_size of the edit training; max_new_tokens caps the skill answers (n_train and
-            n_eval are not used here: n_edits, n_local and n_skill set the sizes).
+        train: epochs, lr and batch_size of the edit training; max_new_tokens caps the skill answers (n_train,
+            n_eval and n_val are not used here: n_edits, n_local and n_skill set the sizes). With stop_at, training
+            ends at the first check (every check_every steps) whose edit success on the trained questions reaches
+            it: methods compared at matched edit success, as injection stops at a recall target.
         n_edits: edits used: the first n_edits of the set (all of a smaller set).
         n_local: unrelated questions for locality (the first n_local known facts about people no edit mentions).
         n_skill: held-out test problems per retention skill.
@@ -107,9 +108,6 @@ class Config:
     def validate(self) -> None:
         check_finite_numbers(self)
         check_constructed(self.train)
-        if self.train.stop_at is not None:
-            raise InputError("edit trains for train.epochs; train.stop_at (matched task gain) is for task fine-tunes "
-                             "(finetune, drift, mergefail, continual): leave it unset")
         check_at_least(1, n_edits=self.n_edits, n_local=self.n_local, n_skill=self.n_skill, threads=self.threads)
         check_distinct("seeds", self.seeds)
         check_methods(self.methods, self.defaults(), allowed=ADDITIVE_METHODS)
@@ -240,15 +238,24 @@ def run(cfg: Config, run: RunDir) -> Result:
     answer, solve = _remembered(answer, before), _remembered(solve, before)
     skill_fns = {name: (lambda m, i=i: solve(m, i)) for i, name in enumerate(cfg.skills)}
 
+    def success(model) -> float:
+        """Edit success on the trained questions (greedy), the score ``train.stop_at`` stops at."""
+        outputs = generate(model, tok, [qa_line(e.question) for e in edits], max_new_tokens=ANSWER_TOKENS,
+                           progress=False)
+        return float(np.mean(edit_success(outputs, edits)))
+
+    stop = ({} if cfg.train.stop_at is None else
+            {"validate": success, "eval_every": cfg.train.check_every, "stop_score": cfg.train.stop_at})
+
     def unit(spec: MethodSpec, seed: int) -> dict[str, Any]:
         seed_everything(seed, cfg.threads)
         model, history = train_adapter(source.fresh(), tok, spec, pairs, cfg.train, seed,
-                                       desc=f"edit {spec.label} seed {seed}", progress=cfg.progress)
+                                       desc=f"edit {spec.label} seed {seed}", progress=cfg.progress, **stop)
         res = evaluate_editing(before, model, edits, unrelated, answer, skill_fns)
         use = final_budget_use(model)
         return {"outcomes": res.to_dict(), "trainable_parameters": count_trainable(model),
                 "budget_use_max": max(use.values()) if use else None, "train_seconds": history.seconds,
-                "losses": history.losses}
+                "losses": history.losses, "stop": {"steps": history.steps, "reached_stop_at": history.reached_stop_score}}
 
     done = {s.label: [run.unit(_unit_key(s.label, seed), lambda s=s, seed=seed: unit(s, seed)) for seed in cfg.seeds]
             for s in specs}
@@ -278,7 +285,7 @@ def _plot(result: Result):
     for i, label in enumerate(labels):
         cis = [result.ci(label, m) for m in MEASURES]
         est = [c.estimate for c in cis]
-        err = [[c.estimate - c.low for c in cis], [c.high - c.estimate for c in cis]]
+        err = error_bars(est, [c.low for c in cis], [c.high for c in cis])
         ax.bar(np.arange(len(MEASURES)) + i * width, est, width, yerr=err, capsize=2, label=label, color=f"C{i}")
     ax.set_xticks(np.arange(len(MEASURES)) + 0.4 - width / 2, list(MEASURES))
     ax.set_ylim(0, 1.05)
@@ -312,10 +319,11 @@ def render(result: Result, run: RunDir) -> str:
     rows = [{"method": label, "edit success": fmt_ci(pm["ci"]["edit_success"]),
              "paraphrase": fmt_ci(pm["ci"]["paraphrase"]), "locality": fmt_ci(pm["ci"]["locality"]),
              "skill": fmt_ci(pm["ci"]["skill"]), "skill change (pp)": fmt_ci(pm["skill_change"], signed=True),
-             "preservation": None if pm["mean_skill_preservation"] is None else f"{pm['mean_skill_preservation']:.3f}"}
+             "preservation": None if pm["mean_skill_preservation"] is None else f"{pm['mean_skill_preservation']:.3f}",
+             "steps": fmt_steps([r["stop"] for r in pm["runs"]])}
             for label, pm in m["methods"].items()]
     lines.append(md_table(rows, ["method", "edit success", "paraphrase", "locality", "skill", "skill change (pp)",
-                                 "preservation"]))
+                                 "preservation", "steps"]))
     rows = [{"method": f"{label} - {result.reference}",
              **{k: fmt_ci(v, signed=True) for k, v in pm["vs_reference"].items()}}
             for label, pm in m["methods"].items() if pm["vs_reference"]]
